@@ -1,0 +1,15 @@
+"""celery-mutex-bootstep: ZooKeeper mutexes for Celery tasks, enforced in the consumer.
+
+    from celery_mutex_bootstep import install
+    install(app)                      # adds MutexStep and --mutex-hosts
+
+    @app.task(mutex_keys=('account',), mutex_timeout=30)
+    def charge(account, amount): ...
+"""
+from .cli import install
+from .exceptions import MutexConfigError, MutexContended, MutexKeyError
+from .step import MutexStep
+
+__all__ = ('MutexStep', 'install', 'MutexConfigError', 'MutexContended',
+           'MutexKeyError')
+__version__ = '0.1.0'

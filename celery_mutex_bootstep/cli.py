@@ -1,0 +1,42 @@
+"""Worker flags and ``install(app)``: one call adds the step and its flags."""
+from __future__ import annotations
+
+from typing import Any
+
+from celery.bin.base import CeleryOption
+
+from .step import MutexStep
+
+__all__ = ('install', 'worker_options')
+
+_GROUP = 'Mutex Options'
+
+
+def worker_options() -> list:
+    """The ``celery worker`` flags the step reads (unset flags give None)."""
+    return [
+        CeleryOption(
+            ['--mutex-hosts'], default=None, help_group=_GROUP,
+            help=('ZooKeeper hosts for task mutexes: "host:port[,host:port...]'
+                  '[/chroot]" (default: app config mutex_hosts, then '
+                  'ZOOKEEPER_HOSTS, then localhost:2181).')),
+        CeleryOption(
+            ['--mutex-session-timeout'], default=None, type=float,
+            help_group=_GROUP,
+            help=('ZooKeeper session timeout in seconds (default: app config '
+                  'mutex_session_timeout, then 10).')),
+    ]
+
+
+def install(app: Any) -> Any:
+    """Add MutexStep to ``app``'s consumer and its flags to ``celery worker``.
+
+    Idempotent: calling it twice adds nothing twice. Returns ``app``.
+    """
+    app.steps['consumer'].add(MutexStep)
+    options = app.user_options['worker']
+    present = {opt for param in options for opt in getattr(param, 'opts', ())}
+    for param in worker_options():
+        if not present.intersection(param.opts):
+            options.add(param)
+    return app

@@ -1,0 +1,311 @@
+"""Leases: ephemeral ZooKeeper nodes held by one session, acquired without blocking.
+
+A lease on key ``K`` is the ephemeral node ``<namespace>/<K>``. One ``create``
+acquires it; ``NodeExists`` means another holder has it. The node's data names
+the holder; its creation zxid is the lease's fencing token, which grows with
+every grant of any node, so a later holder of a key always has a larger token.
+
+Guarantees:
+
+* While this session holds the node, no other session can create it: at most
+  one holder per key, cluster-wide, as long as ZooKeeper's quorum holds.
+* A crashed or partitioned holder's lease disappears when ZooKeeper expires
+  its session (the negotiated session timeout after the server last heard
+  from it); no TTL has to run out.
+* Release is idempotent and thread-safe, and never deletes another holder's
+  node: it only deletes within the session that created the node (the node is
+  then certainly ours, since nobody else can create that path while it
+  exists); a node of an earlier session is already gone with that session.
+* Nothing here waits on ZooKeeper: every call is kazoo's ``*_async`` and
+  completes through a callback on kazoo's thread.
+
+Failure cases:
+
+* A ``create`` whose reply is lost with the connection (``ConnectionLoss``)
+  may have succeeded. It is reported as unavailable, and once the same session
+  reconnects the node is read back and deleted if this session owns it and no
+  lease of ours holds it, so a lost reply never leaves a key stuck.
+* Session expiry (LOST) ends every lease at once: they are marked ``lost``
+  and reported through ``on_lost``; what to do with their running holders is
+  the caller's decision.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import ConnectionLoss, NodeExistsError, NoNodeError
+from kazoo.retry import KazooRetry
+
+__all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
+
+logger = logging.getLogger(__name__)
+
+# kazoo logs every failed connection attempt; the gate reports outages itself
+# at a sane rate, so kazoo's own logger only speaks up for errors by default.
+kazoo_logger = logging.getLogger('celery_mutex_bootstep.kazoo')
+if kazoo_logger.level == logging.NOTSET:
+    kazoo_logger.setLevel(logging.ERROR)
+
+
+class LeaseOutcome:
+    ACQUIRED = 'acquired'
+    CONTENDED = 'contended'
+    UNAVAILABLE = 'unavailable'
+
+
+class Lease:
+    """One grant of one key to one request in one session."""
+
+    __slots__ = ('path', 'key', 'session_id', 'token', 'acquired_at',
+                 'acquired_monotonic', 'owner', 'lost', '_released', '_lock',
+                 '__weakref__')
+
+    def __init__(self, path: str, key: str, session_id: int, token: int,
+                 owner: Any = None) -> None:
+        self.path = path
+        self.key = key
+        self.session_id = session_id
+        self.token = token
+        self.acquired_at = time.time()
+        self.acquired_monotonic = time.monotonic()
+        self.owner = owner
+        self.lost = False
+        self._released = False
+        self._lock = threading.Lock()
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def _claim_release(self) -> bool:
+        with self._lock:
+            if self._released:
+                return False
+            self._released = True
+            return True
+
+    def __repr__(self) -> str:
+        state = 'released' if self._released else 'lost' if self.lost else 'held'
+        return f'<Lease {self.key[:12]} token={self.token} {state}>'
+
+
+Callback = Callable[[str, Optional[Lease], Optional[BaseException]], None]
+
+
+class ZooKeeperLeases:
+    """One kazoo session and the leases it holds.
+
+    ``on_state(state)`` is called on kazoo's thread with ``'connected'``,
+    ``'suspended'`` or ``'lost'``; ``on_lost(leases)`` with the leases a session
+    expiry took away. Both must return quickly and must not call ZooKeeper
+    synchronously.
+    """
+
+    def __init__(self, hosts: str, namespace: str, *,
+                 session_timeout: float = 10.0,
+                 on_state: Optional[Callable[[str], None]] = None,
+                 on_lost: Optional[Callable[[List[Lease]], None]] = None,
+                 client: Optional[KazooClient] = None) -> None:
+        self.hosts = hosts
+        self.namespace = namespace.rstrip('/')
+        self.session_timeout = session_timeout
+        self.on_state = on_state
+        self.on_lost = on_lost
+        self.client = client or KazooClient(
+            hosts=hosts, timeout=session_timeout,
+            # kazoo's default backs off up to an hour: a restarted server
+            # would then expire sessions we could have kept.
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2,
+                                        max_delay=1.0),
+            logger=kazoo_logger,
+        )
+        self._lock = threading.Lock()
+        self._held: Dict[str, Lease] = {}
+        # (path, session id) pairs whose create or delete reply was lost.
+        self._orphans: Set[Tuple[str, int]] = set()
+        self._session_id: Optional[int] = None
+        self._connected = False
+        self._started = False
+        self.disconnected_since: Optional[float] = time.monotonic()
+        self.client.add_listener(self._on_kazoo_state)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background; returns at once."""
+        if not self._started:
+            self._started = True
+            self.client.start_async()
+
+    def close(self) -> None:
+        """End the session (its lease nodes vanish). Blocks: shutdown only."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            self.client.stop()
+        finally:
+            self.client.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def session_id(self) -> Optional[int]:
+        return self._session_id
+
+    def path_for(self, key: str) -> str:
+        return f'{self.namespace}/{key}'
+
+    def held(self) -> List[Lease]:
+        with self._lock:
+            return list(self._held.values())
+
+    # -- acquire / release -------------------------------------------------
+
+    def acquire(self, key: str, data: bytes, callback: Callback,
+                owner: Any = None) -> None:
+        """Try to create the lease node for ``key``; never blocks.
+
+        ``callback(outcome, lease, exc)`` runs on kazoo's thread with
+        ``LeaseOutcome.ACQUIRED`` and the lease, ``CONTENDED``, or
+        ``UNAVAILABLE`` and the error.
+        """
+        path = self.path_for(key)
+        if not self._connected:
+            callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
+            return
+        session_id = self._session_id
+        try:
+            async_result = self.client.create_async(
+                path, data, ephemeral=True, makepath=True, include_data=True)
+        except Exception as exc:  # closed client, bad state
+            callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            return
+
+        def created(result: Any) -> None:
+            try:
+                _, stat = result.get_nowait()
+            except NodeExistsError:
+                return callback(LeaseOutcome.CONTENDED, None, None)
+            except ConnectionLoss as exc:
+                # The create may have been applied: reap it on reconnect.
+                with self._lock:
+                    if session_id is not None:
+                        self._orphans.add((path, session_id))
+                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            except Exception as exc:
+                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            lease = Lease(path, key, stat.ephemeralOwner, stat.czxid, owner)
+            with self._lock:
+                self._held[path] = lease
+                # The session may have expired between the server's reply
+                # and here; then the node is already gone with it.
+                if self._session_id != lease.session_id:
+                    lease.lost = True
+            callback(LeaseOutcome.ACQUIRED, lease, None)
+
+        async_result.rawlink(created)
+
+    def release(self, lease: Lease) -> bool:
+        """Delete the lease's node, once. Safe from any thread.
+
+        Returns False when it was already released.
+        """
+        if not lease._claim_release():
+            return False
+        with self._lock:
+            if self._held.get(lease.path) is lease:
+                del self._held[lease.path]
+            same_session = (lease.session_id == self._session_id and not lease.lost)
+        if not same_session:
+            return True  # gone with its session; the path may be someone else's now
+        try:
+            async_result = self.client.delete_async(lease.path)
+        except Exception:
+            logger.exception('mutex: could not release %s', lease.path)
+            return True
+
+        def deleted(result: Any) -> None:
+            try:
+                result.get_nowait()
+            except NoNodeError:
+                pass
+            except ConnectionLoss:
+                with self._lock:
+                    self._orphans.add((lease.path, lease.session_id))
+            except Exception as exc:
+                logger.warning('mutex: release of %s failed: %r', lease.path, exc)
+
+        async_result.rawlink(deleted)
+        return True
+
+    # -- session events ----------------------------------------------------
+
+    def _on_kazoo_state(self, state: str) -> None:
+        # kazoo's thread: record, hand off, never block.
+        lost: List[Lease] = []
+        if state == KazooState.CONNECTED:
+            client_id = self.client.client_id
+            session_id = client_id[0] if client_id else None
+            with self._lock:
+                if self._session_id is not None and session_id != self._session_id:
+                    lost = self._drop_all_locked()
+                self._session_id = session_id
+                self._connected = True
+                self.disconnected_since = None
+            self.client.handler.spawn(self._reap_orphans)
+            name = 'connected'
+        elif state == KazooState.SUSPENDED:
+            with self._lock:
+                self._connected = False
+                self.disconnected_since = time.monotonic()
+            name = 'suspended'
+        else:
+            with self._lock:
+                self._connected = False
+                if self.disconnected_since is None:
+                    self.disconnected_since = time.monotonic()
+                lost = self._drop_all_locked()
+                self._orphans.clear()
+            name = 'lost'
+        if lost and self.on_lost:
+            self.on_lost(lost)
+        if self.on_state:
+            self.on_state(name)
+        return False  # stay registered
+
+    def _drop_all_locked(self) -> List[Lease]:
+        lost = [lease for lease in self._held.values() if not lease.released]
+        for lease in lost:
+            lease.lost = True
+        self._held.clear()
+        return lost
+
+    def _reap_orphans(self) -> None:
+        """Delete nodes this session may own from replies lost in transit."""
+        with self._lock:
+            session_id = self._session_id
+            todo = [p for p, s in self._orphans if s == session_id]
+            self._orphans = {(p, s) for p, s in self._orphans if s == session_id}
+        for path in todo:
+            self.client.exists_async(path).rawlink(
+                lambda result, path=path: self._reap_one(path, session_id, result))
+
+    def _reap_one(self, path: str, session_id: int, result: Any) -> None:
+        try:
+            stat = result.get_nowait()
+        except Exception:
+            return  # still disconnected: the next CONNECTED retries
+        with self._lock:
+            self._orphans.discard((path, session_id))
+            ours = (stat is not None and stat.ephemeralOwner == session_id
+                    and path not in self._held and self._session_id == session_id)
+        if ours:
+            logger.info('mutex: deleting %s, left by a create whose reply was lost', path)
+            self.client.delete_async(path)

@@ -1,0 +1,59 @@
+"""MutexStep: the consumer bootstep that wires the lease session and the gate."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from celery import bootsteps
+
+from .gate import MutexGate, MutexPolicies
+from .lease import ZooKeeperLeases
+from .options import MutexSettings
+
+__all__ = ('MutexStep',)
+
+
+class MutexStep(bootsteps.StartStopStep):
+    """Holds guarded tasks to a ZooKeeper lease before they reach the pool.
+
+    Options and tasks are validated in ``__init__``, so a mistake stops the
+    worker before it consumes anything. The ZooKeeper session lives from the
+    first ``start`` to ``shutdown`` (after the pool has stopped, so running
+    holders keep their leases to the end); a broker reconnect restarts the
+    consumer but not the session.
+    """
+
+    label = 'Mutex'
+    requires = ('celery.worker.consumer.tasks:Tasks',)
+
+    def __init__(self, c: Any, mutex_hosts: Optional[str] = None,
+                 mutex_session_timeout: Any = None, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.settings = MutexSettings.from_app(
+            c.app.conf, hosts=mutex_hosts, session_timeout=mutex_session_timeout)
+        policies = MutexPolicies(c.app, self.settings)
+        policies.validate_all()
+        self.leases = ZooKeeperLeases(
+            self.settings.hosts, self.settings.namespace,
+            session_timeout=self.settings.session_timeout)
+        # Before any start: every strategy built later captures the gate.
+        self.gate = MutexGate(c, self.leases, policies, self.settings)
+        self.gate.install()
+        c.mutex_gate = self.gate
+
+    def start(self, c: Any) -> None:
+        self.leases.start()
+
+    def stop(self, c: Any) -> None:
+        self.gate.stop()
+
+    terminate = stop
+
+    def shutdown(self, c: Any) -> None:
+        try:
+            self.gate.stop()
+        finally:
+            self.leases.close()
+
+    def info(self, c: Any) -> dict:
+        return {'mutex': {'hosts': self.settings.hosts,
+                          'namespace': self.settings.namespace}}
