@@ -1,0 +1,72 @@
+"""Fixtures for the product's integration tests (loaded by conftest.py)."""
+import re
+
+import pytest
+
+from integration import zkserver
+from integration.scenario import Scenario
+from integration.workers import start_worker
+
+REDIS_BROKER_DB = 3  # results use db 1, records db 2
+
+
+def _short_name(name):
+    return re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')[:24]
+
+
+@pytest.fixture
+def scenario_for(request, worker_factory, zk, rabbitmq_url, redis_url):
+    """``scenario_for('rabbitmq' | 'redis')``: a Scenario on that broker."""
+    made = []
+
+    def make(broker='rabbitmq'):
+        url = rabbitmq_url if broker == 'rabbitmq' else \
+            redis_url.rsplit('/', 1)[0] + f'/{REDIS_BROKER_DB}'
+
+        def factory(app, **kwargs):
+            return worker_factory(app, wait=False, **kwargs)
+        s = Scenario(factory, zk.hosts, url, _short_name(request.node.name))
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def scenario(scenario_for):
+    return scenario_for('rabbitmq')
+
+
+@pytest.fixture(scope='module')
+def module_scenario(request, zk, rabbitmq_url, tmp_path_factory):
+    """A Scenario whose workers live for the whole test module."""
+    log_dir = tmp_path_factory.mktemp('workers')
+    workers = []
+
+    def factory(app, **kwargs):
+        w = start_worker(app, log_dir=log_dir, **kwargs)
+        workers.append(w)
+        return w
+    s = Scenario(factory, zk.hosts, rabbitmq_url, _short_name(request.module.__name__))
+    yield s
+    for w in workers:
+        w.stop(timeout=20)
+    s.close()
+
+
+@pytest.fixture
+def zk_factory(tmp_path):
+    """``zk_factory(start=True)``: a private standalone ZooKeeper for one test."""
+    nodes = []
+
+    def make(start=True, **kwargs):
+        node = zkserver.ZooKeeperNode(tmp_path / f'zk{len(nodes)}', **kwargs)
+        nodes.append(node)
+        if start:
+            node.start()
+            node.wait_ready()
+        return node
+    yield make
+    for node in nodes:
+        node.close()

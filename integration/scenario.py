@@ -1,0 +1,102 @@
+"""One test's world: its own queue, namespace and record list, real workers on it."""
+import time
+import uuid
+from typing import Any, Dict, List, Optional
+
+from celery import Celery
+from kazoo.client import KazooClient
+
+from celery_mutex_bootstep.keys import key_digest
+
+from .records import Records
+
+APP = 'integration.testapp'
+BACKEND = 'redis://127.0.0.1:6379/1'
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05, message='condition'):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f'timed out after {timeout}s waiting for {message}')
+
+
+class Scenario:
+    def __init__(self, worker_factory, zk_hosts: str, broker: str, name: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.worker_factory = worker_factory
+        self.zk_hosts = zk_hosts
+        self.broker = broker
+        self.queue = f'mt-{name}-{tag}'
+        self.namespace = f'/mt-{name}-{tag}'
+        self.records = Records(self.queue)
+        self.client = Celery('client', broker=broker, backend=BACKEND, set_as_current=False)
+        self.client.conf.task_default_queue = self.queue
+        self.workers: List[Any] = []
+        self._zk: Optional[KazooClient] = None
+
+    def env(self, **extra: str) -> Dict[str, str]:
+        env = {
+            'TEST_BROKER': self.broker, 'TEST_BACKEND': BACKEND,
+            'TEST_QUEUE': self.queue, 'TEST_RECORDS': self.queue,
+            'TEST_NAMESPACE': self.namespace,
+        }
+        env.update(extra)
+        return env
+
+    def worker(self, name: str = 'w1', *, concurrency: int = 4, pool: str = 'prefork',
+               hosts: Optional[str] = None, extra_args=(), env=None, wait=True):
+        args = list(extra_args)
+        if hosts is not False:
+            args += ['--mutex-hosts', hosts or self.zk_hosts]
+        w = self.worker_factory(
+            APP, hostname=f'{name}-{self.queue}@%h', concurrency=concurrency,
+            pool=pool, extra_args=args, env=self.env(**(env or {})))
+        if wait:
+            w.wait_ready()
+        self.workers.append(w)
+        return w
+
+    def send(self, task: str, *args: Any, **options: Any):
+        kwargs = options.pop('kwargs', None)
+        return self.client.send_task(f'{APP}.{task}', args=args, kwargs=kwargs,
+                                     queue=self.queue, **options)
+
+    # -- ZooKeeper view ----------------------------------------------------
+
+    @property
+    def zk(self) -> KazooClient:
+        if self._zk is None:
+            self._zk = KazooClient(hosts=self.zk_hosts)
+            self._zk.start(timeout=15)
+        return self._zk
+
+    def lease_path(self, task: str, *values: Any, name: Optional[str] = None) -> str:
+        return f'{self.namespace}/{key_digest(name or f"{APP}.{task}", values)}'
+
+    def lease_nodes(self) -> List[str]:
+        if not self.zk.exists(self.namespace):
+            return []
+        return self.zk.get_children(self.namespace)
+
+    def close(self) -> None:
+        if self._zk is not None:
+            self._zk.stop()
+            self._zk.close()
+        try:
+            with self.client.connection_for_write() as conn:
+                conn.default_channel.queue_delete(self.queue)
+        except Exception:
+            pass
+        self.records.redis.delete(self.queue)
+
+
+def nodename(worker) -> str:
+    import socket
+    return worker.hostname.replace('%h', socket.gethostname())
+
+
+Scenario.nodename = staticmethod(nodename)

@@ -1,0 +1,163 @@
+"""The core gate end to end: real ZooKeeper, real broker, real prefork workers.
+
+Every execution is recorded by the task itself (integration/testapp.py); the
+assertions are about what ran: no overlap per key, no contended run, no loss.
+"""
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .records import by_key, overlaps
+from .scenario import wait_for
+from .workers import worker_env
+
+
+def results(handles, timeout=120):
+    return [h.get(timeout=timeout, propagate=False) for h in handles]
+
+
+@pytest.mark.parametrize('broker', ['rabbitmq', 'redis'])
+def test_exclusivity_three_workers(scenario_for, broker):
+    s = scenario_for(broker)
+    for name in ('w1', 'w2', 'w3'):
+        s.worker(name, concurrency=4, wait=False)
+    for w in s.workers:
+        w.wait_ready()
+    rnd = random.Random(7)
+    keys = [f'k{i}' for i in range(6)]
+    handles = [s.send('work', rnd.choice(keys), rnd.uniform(0, 0.03), i) for i in range(240)]
+    assert sorted(results(handles)) == list(range(240))
+    runs = s.records.executions()
+    assert len(runs) == 240, 'every task executed exactly once'
+    assert len({r.id for r in runs}) == 240
+    assert all(r.end is not None for r in runs)
+    assert overlaps(runs) == []
+    assert len({r.worker for r in runs}) == 3, 'all three workers took part'
+    # tokens grow with every grant of a key
+    for key, key_runs in by_key(runs).items():
+        tokens = [r.token for r in key_runs]
+        assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+
+
+def test_contended_messages_never_enter_the_pool(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('work', 'hot', 3.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder started')
+    waiting = [s.send('work', 'hot', 0.1, i) for i in range(1, 6)]
+    other = s.send('work', 'cold', 0.0, 99)
+    assert other.get(timeout=20) == 99, 'other keys flow while one is held'
+    time.sleep(1.0)
+    active = s.client.control.inspect([s.nodename(w)], timeout=3).active() or {}
+    names = [t['name'] for ts in active.values() for t in ts]
+    assert names.count('integration.testapp.work') == 1, names
+    assert holder.get(timeout=20) == 0
+    assert sorted(results(waiting)) == [1, 2, 3, 4, 5]
+    runs = [r for r in s.records.executions() if r.key == 'hot']
+    first = runs[0]
+    assert first.extra['seq'] == 0
+    assert all(r.start >= first.end for r in runs[1:]), 'none started before the holder ended'
+    assert len(runs) == 6 and overlaps(runs) == []
+    stats = s.client.control.inspect([s.nodename(w)], timeout=3).stats()
+    total = list(stats.values())[0]['total']
+    assert total['integration.testapp.work'] == 7, 'the pool ran each task once, nothing more'
+
+
+def test_refinement_runs_different_values_concurrently(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    handles = [s.send('two_keys', 'a', 'eu', 1.0), s.send('two_keys', 'a', 'us', 1.0),
+               s.send('two_keys', 'a', 'eu', 1.0), s.send('two_keys', 'b', kwargs={'duration': 1.0})]
+    results(handles)
+    runs = s.records.executions()
+    assert len(runs) == 4
+    eu = [r for r in runs if r.key == 'a/eu']
+    us = [r for r in runs if r.key == 'a/us']
+    assert len(eu) == 2 and overlaps(eu) == []
+    assert us[0].start < eu[0].end and eu[0].start < us[0].end, 'different values overlap'
+
+
+def test_whole_task_mutex(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    results([s.send('whole', 0.3) for _ in range(4)])
+    runs = s.records.executions()
+    assert len(runs) == 4 and overlaps(runs) == []
+
+
+def test_unbindable_arguments_fail_clearly_and_are_not_requeued(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    bad = s.send('work', kwargs={'nokey': 1})
+    with pytest.raises(Exception) as info:
+        bad.get(timeout=20)
+    assert 'arguments do not match' in str(info.value)
+    assert "integration.testapp.work" in str(info.value)
+    assert s.send('work', 'ok', 0, 1).get(timeout=20) == 1, 'the worker survives'
+    time.sleep(1)
+    assert s.records.count('start') == 1
+    assert 'refused' in w.log_text()
+    with s.client.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(s.queue, passive=True)
+    assert count == 0, 'the bad message is not back in the queue'
+
+
+def test_worker_help_lists_the_flag_and_the_worker_connects_there(scenario):
+    out = subprocess.run(
+        [sys.executable, '-m', 'celery', '-A', 'integration.testapp', 'worker', '--help'],
+        capture_output=True, text=True, env=worker_env(scenario.env()), timeout=60)
+    assert out.returncode == 0 and '--mutex-hosts' in out.stdout
+    s = scenario
+    s.worker('w1', concurrency=2)
+    h = s.send('work', 'flag', 2.0, 1)
+    path = s.lease_path('work', 'flag')
+    wait_for(lambda: s.zk.exists(path), message='the lease node in the flag\'s ZooKeeper')
+    assert h.get(timeout=20) == 1
+
+
+def test_no_lease_left_after_warm_shutdown_and_held_messages_go_back(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    handles = [s.send('work', 'sd', 1.5, i) for i in range(4)]
+    wait_for(lambda: s.records.count('start') == 1, message='first holder')
+    wait_for(lambda: s.lease_nodes(), message='lease node')
+    w.stop()
+    assert w.returncode == 0
+    assert s.lease_nodes() == [], 'the session closed with the worker'
+    s.worker('w2', concurrency=2)
+    assert sorted(results(handles)) == [0, 1, 2, 3], 'nothing lost'
+    runs = s.records.executions()
+    assert overlaps(runs) == [] and len(runs) == 4
+
+
+def test_zookeeper_down_at_start(scenario, zk_factory):
+    s = scenario
+    node = zk_factory(start=False)
+    w = s.worker('w1', concurrency=2, hosts=node.hosts)
+    guarded = [s.send('work', f'z{i % 2}', 0.05, i) for i in range(6)]
+    plain = [s.send('plain', i) for i in range(3)]
+    assert results(plain, timeout=20) == [0, 1, 2], 'plain tasks run without ZooKeeper'
+    time.sleep(2)
+    assert s.records.count('start') == 3, 'no guarded task ran without ZooKeeper'
+    wait_for(lambda: 'ZooKeeper' in w.log_text() and 'not reachable' in w.log_text(),
+             message='a WARNING about ZooKeeper')
+    assert 'WARNING' in [line for line in w.log_text().splitlines() if 'not reachable' in line][0]
+    node.start()
+    node.wait_ready()
+    assert sorted(results(guarded, timeout=60)) == list(range(6))
+    runs = [r for r in s.records.executions() if r.key is not None]
+    assert len(runs) == 6 and overlaps(runs) == []
+
+
+def test_configuration_mistakes_stop_the_worker_at_start(scenario):
+    s = scenario
+    bad = s.worker('bad', env={'TEST_BAD_OPTION': 'mutex_keys'}, wait=False)
+    assert bad.wait(timeout=60) != 0
+    assert "task 'integration.testapp.misconfigured': option mutex_keys entry 'missing' " \
+           "is not a parameter of the function" in bad.log_text()
+    flag = s.worker('flag', hosts='zk1:2181,zk2:notaport', wait=False)
+    assert flag.wait(timeout=60) != 0
+    assert "--mutex-hosts: bad port 'notaport' in 'zk2:notaport'" in flag.log_text()

@@ -1,0 +1,137 @@
+"""ZooKeeperLeases against a real ZooKeeper: acquire, contend, release, session loss."""
+import threading
+import time
+import uuid
+
+import pytest
+from kazoo.client import KazooClient
+
+from celery_mutex_bootstep.lease import LeaseOutcome, ZooKeeperLeases
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def acquire(leases, key, data=b'{}'):
+    done = threading.Event()
+    result = {}
+
+    def cb(outcome, lease, exc):
+        result.update(outcome=outcome, lease=lease, exc=exc)
+        done.set()
+    leases.acquire(key, data, cb)
+    assert done.wait(10), 'no answer from ZooKeeper'
+    return result['outcome'], result['lease']
+
+
+@pytest.fixture
+def namespace():
+    return f'/lease-test-{uuid.uuid4().hex[:8]}'
+
+
+@pytest.fixture
+def make_leases(zk, namespace):
+    made = []
+
+    def make(**kwargs):
+        leases = ZooKeeperLeases(zk.hosts, namespace, session_timeout=4, **kwargs)
+        leases.start()
+        assert wait_for(lambda: leases.connected), 'no session'
+        made.append(leases)
+        return leases
+    yield make
+    for leases in made:
+        leases.close()
+
+
+@pytest.fixture
+def observer(zk):
+    client = KazooClient(hosts=zk.hosts)
+    client.start(timeout=10)
+    yield client
+    client.stop()
+    client.close()
+
+
+def test_one_holder_per_key_and_tokens_grow(make_leases, observer, namespace):
+    a, b = make_leases(), make_leases()
+    outcome, lease = acquire(a, 'k1')
+    assert outcome == LeaseOutcome.ACQUIRED and lease.token > 0
+    data, stat = observer.get(f'{namespace}/k1')
+    assert stat.ephemeralOwner == a.session_id == lease.session_id
+    assert stat.czxid == lease.token
+    assert acquire(b, 'k1')[0] == LeaseOutcome.CONTENDED
+    assert acquire(a, 'k1')[0] == LeaseOutcome.CONTENDED  # not re-entrant
+    assert acquire(b, 'k2')[0] == LeaseOutcome.ACQUIRED   # other keys are free
+    assert a.release(lease) is True
+    assert wait_for(lambda: observer.exists(f'{namespace}/k1') is None)
+    outcome, lease2 = acquire(b, 'k1')
+    assert outcome == LeaseOutcome.ACQUIRED and lease2.token > lease.token
+
+
+def test_release_is_idempotent_across_threads(make_leases, observer, namespace):
+    a = make_leases()
+    _, lease = acquire(a, 'k')
+    results = []
+    barrier = threading.Barrier(8)
+
+    def release():
+        barrier.wait()
+        results.append(a.release(lease))
+    threads = [threading.Thread(target=release) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1 and results.count(False) == 7
+    assert wait_for(lambda: observer.exists(f'{namespace}/k') is None)
+
+
+def test_expired_session_never_deletes_the_next_holders_node(zk, make_leases, observer, namespace):
+    lost = []
+    a = make_leases(on_lost=lost.extend)
+    b = make_leases()
+    _, lease = acquire(a, 'k')
+    old_session = a.session_id
+    # Expire a's session at the server, as a long partition would.
+    sid, passwd = a.client.client_id
+    thief = KazooClient(hosts=zk.hosts, client_id=(sid, passwd))
+    thief.start(timeout=10)
+    thief.stop()
+    thief.close()
+    assert wait_for(lambda: observer.exists(f'{namespace}/k') is None)
+    outcome, lease_b = acquire(b, 'k')
+    assert outcome == LeaseOutcome.ACQUIRED
+    assert wait_for(lambda: lost, timeout=15), 'a never noticed its session was lost'
+    assert lost == [lease] and lease.lost
+    assert wait_for(lambda: a.connected and a.session_id != old_session, timeout=15)
+    a.release(lease)  # must not touch b's node at the same path
+    time.sleep(0.5)
+    _, stat = observer.get(f'{namespace}/k')
+    assert stat.ephemeralOwner == b.session_id
+    # and a works again under its new session
+    assert acquire(a, 'other')[0] == LeaseOutcome.ACQUIRED
+
+
+def test_unavailable_when_not_connected(namespace):
+    leases = ZooKeeperLeases('127.0.0.1:1', namespace, session_timeout=4)
+    leases.start()
+    try:
+        assert acquire(leases, 'k')[0] == LeaseOutcome.UNAVAILABLE
+    finally:
+        leases.close()
+
+
+def test_close_removes_every_lease_node(make_leases, observer, namespace):
+    a = make_leases()
+    for i in range(5):
+        assert acquire(a, f'k{i}')[0] == LeaseOutcome.ACQUIRED
+    assert len(observer.get_children(namespace)) == 5
+    a.close()
+    assert observer.get_children(namespace) == []

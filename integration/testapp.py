@@ -1,0 +1,116 @@
+"""The Celery app real test workers run: guarded tasks that record what they did.
+
+Every execution appends a JSON record to a Redis list (start and end times,
+pid, worker, key, fencing token), so a test can check overlaps and counts
+from what actually ran. Configured by environment variables, so one module
+serves every test (each with its own queue, namespace and record list).
+"""
+import json
+import os
+import socket
+import time
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_mutex_bootstep import install
+
+BROKER = os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
+BACKEND = os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1')
+RECORDS = os.environ.get('TEST_RECORDS', 'mutex-test:records')
+RECORD_URL = os.environ.get('TEST_RECORD_URL', 'redis://127.0.0.1:6379/2')
+
+app = Celery('testapp', broker=BROKER, backend=BACKEND)
+app.conf.update(
+    task_default_queue=os.environ.get('TEST_QUEUE', 'mutex-test'),
+    mutex_namespace=os.environ.get('TEST_NAMESPACE', '/celery-mutex-test'),
+    mutex_requeue_delay=float(os.environ.get('TEST_REQUEUE_DELAY', '0.2')),
+    worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
+    broker_connection_retry_on_startup=True,
+    result_expires=3600,
+)
+if os.environ.get('TEST_INSTALL', '1') == '1':
+    install(app)
+
+_redis = None
+
+
+def _r():
+    global _redis
+    if _redis is None:
+        _redis = redis.Redis.from_url(RECORD_URL)
+    return _redis
+
+
+def record(task, phase, key, **extra):
+    lease = getattr(task.request, 'mutex_lease', None) or {}
+    _r().rpush(RECORDS, json.dumps(dict(
+        phase=phase, task=task.name, id=task.request.id, key=key,
+        t=time.time(), pid=os.getpid(), worker=task.request.hostname,
+        host=socket.gethostname(), token=lease.get('token'),
+        retries=task.request.retries, **extra)))
+
+
+@app.task(bind=True, mutex_keys=('key',))
+def work(self, key, duration=0.0, seq=None):
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_keys=('key',), acks_late=True)
+def work_late(self, key, duration=0.0, seq=None):
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_keys=('key', 'region'))
+def two_keys(self, key, region='eu', duration=0.0):
+    record(self, 'start', f'{key}/{region}')
+    time.sleep(duration)
+    record(self, 'end', f'{key}/{region}')
+
+
+@app.task(bind=True, mutex=True)
+def whole(self, duration=0.0):
+    record(self, 'start', 'whole')
+    time.sleep(duration)
+    record(self, 'end', 'whole')
+
+
+@app.task(bind=True, mutex_keys=('key',))
+def ends(self, key, how, duration=0.0):
+    """End in a chosen way: fail, retry, reject, ignore, die, sleep (time limit)."""
+    record(self, 'start', key, how=how)
+    if how == 'fail':
+        raise ValueError('failing on purpose')
+    if how == 'retry':
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.5, max_retries=1)
+    elif how == 'reject':
+        raise Reject('rejecting on purpose', requeue=False)
+    elif how == 'ignore':
+        raise Ignore()
+    elif how == 'die':
+        os._exit(3)
+    elif how == 'sleep':
+        time.sleep(duration)
+    record(self, 'end', key, how=how)
+
+
+@app.task(bind=True)
+def plain(self, n=0, duration=0.0):
+    record(self, 'start', None, n=n)
+    time.sleep(duration)
+    record(self, 'end', None, n=n)
+    return n
+
+
+if os.environ.get('TEST_BAD_OPTION') == 'mutex_keys':
+    @app.task(mutex_keys=('missing',))
+    def misconfigured(present):
+        pass
