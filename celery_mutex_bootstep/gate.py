@@ -9,52 +9,51 @@ waiting, and returns; the answer comes back on kazoo's thread and is handed to
 the consumer with ``call_soon``. Then:
 
 * acquired: the lease is stamped into the request (``self.request.mutex_lease``
-  in the task) and the request goes to the pool; the lease is released when
-  the request ends, on every path (success, failure, Retry, Reject, Ignore,
-  revoked, terminated, time limit, worker lost), exactly once;
-* contended, or ZooKeeper unavailable: the request is marked ready in the
-  worker state and its message is held in the consumer (on the consumer's
-  timer) for ``mutex_requeue_delay`` seconds, then rejected back to the broker
-  with requeue. It never reaches the pool. While held the prefetch count is
-  raised by one (as Celery does for ETA tasks) so other work keeps flowing,
-  but only for ``mutex_max_held`` messages: beyond that a held message keeps
-  its prefetch slot, so a hot key cannot pull its whole queue into memory;
-* the key cannot be built (arguments that do not bind, values that are not
-  JSON): the task fails with that error in its result and is not requeued.
+  in the task) and the request goes to the pool. The lease is released when
+  the request ends, on every path, exactly once; when the pool kills the task
+  (time limit, terminate, worker lost) only after its process has exited. A
+  holder that outlives ``mutex_timeout`` is killed with SIGKILL first.
+* contended (``mutex_contended='requeue'``): the request is marked ready in the
+  worker state and its message waits in the consumer (:mod:`.waiting`), never
+  in the pool. A ZooKeeper watch on the holder's node wakes the first waiter
+  of the key the moment it is freed; it tries again and runs if it wins.
+  After ``mutex_requeue_delay`` a waiter goes back to the broker (or, after
+  ``mutex_republish_after`` deliveries on a quorum queue, is republished).
+  A waiter that is revoked is dropped as revoked at once.
+* contended (``'skip'``): the task fails with :class:`MutexContended` in its
+  result, a WARNING and a ``task-mutex-skipped`` event; the message is acked.
+* ZooKeeper unavailable: the message waits the same way and goes back to the
+  broker; it never runs without a lease and is never dropped.
+* the key cannot be built: the task fails with that error in its result and
+  the message is not requeued.
 
-A lease is released only once its task can no longer run: when the pool kills
-a child (hard time limit, revoke with terminate, worker lost) Celery reports
-the end before the child is gone, so the release waits until the child process
-has exited.
-
-Everything here runs on the consumer thread, except ``release`` paths called
-from the pool's callbacks, which touch only thread-safe lease state.
+Everything here runs on the consumer thread, except the release paths, which
+the pool calls on its own threads and which touch only thread-safe state.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
-from functools import partial
 from typing import Any, Dict, Optional
 
-from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
-from celery.bootsteps import RUN
 from celery.worker import state as worker_state
 
-from .exceptions import MutexConfigError, MutexKeyError
+from .exceptions import MutexConfigError, MutexContended, MutexKeyError
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
 from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
 from .payload import lease_data
 from .processes import process_alive
+from .request_end import watch_request_end
+from .waiting import Held, WaitingRoom
 
 __all__ = ('MutexGate', 'MutexPolicies')
 
 logger = logging.getLogger(__name__)
 
-# Ends after which the pool child may still be running the task.
-_KILLED = (TimeLimitExceeded, WorkerLostError, Terminated)
-_DEAD_POLL = 0.02
+_EXIT_POLL = 0.02
+_REVOKE_POLL = 0.1
 _UNAVAILABLE_LOG_EVERY = 10.0
 
 
@@ -79,20 +78,6 @@ class MutexPolicies:
             self._policies[name] = policy
             return policy
 
-    def guarded(self) -> Dict[str, MutexPolicy]:
-        return {n: p for n, p in self._policies.items() if p is not None}
-
-
-class _Held:
-    __slots__ = ('req', 'key', 'entry', 'compensated', 'since')
-
-    def __init__(self, req: Any, key: MutexKey, compensated: bool) -> None:
-        self.req = req
-        self.key = key
-        self.entry = None
-        self.compensated = compensated
-        self.since = time.monotonic()
-
 
 class MutexGate:
     """Holds guarded requests to their lease between the consumer and the pool."""
@@ -104,15 +89,16 @@ class MutexGate:
         self.policies = policies
         self.settings = settings
         self.hostname = getattr(consumer, 'hostname', None)
-        self._next = None
-        self._held: Dict[Any, _Held] = {}
-        self._compensated = 0
+        self._next: Any = None
+        self.room = WaitingRoom(consumer, settings.max_held, self._expired)
         self._generation = 0
-        self._granted: Dict[Lease, Any] = {}
+        self._watching: set = set()
+        self._revoke_timer: Any = None
+        self._timeouts: Dict[Lease, Any] = {}
         self._last_unavailable_log = 0.0
         self.counters = dict.fromkeys(
-            ('acquired', 'contended', 'requeued', 'unavailable', 'refused',
-             'released', 'lost'), 0)
+            ('acquired', 'contended', 'requeued', 'republished', 'skipped',
+             'unavailable', 'refused', 'released', 'overran', 'lost'), 0)
 
     def install(self) -> None:
         """Put the gate in front of the consumer's ``on_task_request``."""
@@ -134,120 +120,89 @@ class MutexGate:
                 key = policy.key_for(req.args, req.kwargs)
             except MutexKeyError as exc:
                 return self._refuse(req, exc)
-            self._acquire(req, key)
+            if not self.leases.connected:
+                return self._wait(req, key, LeaseOutcome.UNAVAILABLE)
+            if policy.contended == 'requeue' and self.room.has_waiters(key.digest):
+                # Queue behind this worker's waiters for the key: arrival order.
+                return self._wait(req, key, LeaseOutcome.CONTENDED)
+            self._try(req, key, None)
         except Exception:  # never into the consumer's event loop
             logger.exception('mutex: gate failed on %s[%s]; handing it back',
                              getattr(req, 'name', '?'), getattr(req, 'id', '?'))
             self._reject(req, requeue=True)
 
-    def _acquire(self, req: Any, key: MutexKey) -> None:
-        if not self.leases.connected:
-            return self._hold(req, key, LeaseOutcome.UNAVAILABLE)
+    def _try(self, req: Any, key: MutexKey, held: Optional[Held]) -> None:
         generation = self._generation
         call_soon = self.c.call_soon
 
         def answered(outcome: str, lease: Optional[Lease], exc: Optional[BaseException]) -> None:
             # kazoo's thread: hand the answer to the consumer.
-            call_soon(self._answered, req, key, generation, outcome, lease, exc)
+            call_soon(self._answered, req, key, held, generation, outcome, lease, exc)
 
+        if held is not None:
+            held.trying = True
         data = lease_data(req, key, hostname=self.hostname,
                           store_values=self.settings.store_values)
-        self.leases.acquire(key.digest, data, answered, owner=req.id)
+        self.leases.acquire(key.slots, data, answered, owner=req.id)
 
-    def _answered(self, req: Any, key: MutexKey, generation: int, outcome: str,
-                  lease: Optional[Lease], exc: Optional[BaseException]) -> None:
+    def _answered(self, req: Any, key: MutexKey, held: Optional[Held], generation: int,
+                  outcome: str, lease: Optional[Lease], exc: Optional[BaseException]) -> None:
         try:
-            if generation != self._generation:
-                # The broker connection restarted meanwhile: this message is
-                # gone from us (the broker redelivers it), so is its lease.
+            if held is not None:
+                held.trying = False
+            if generation != self._generation or (held is not None and held.gone):
+                # The message left us meanwhile (broker reconnect, handed
+                # back, revoked): so does any lease won for it.
                 if lease is not None:
                     self.leases.release(lease)
                 return
             if outcome == LeaseOutcome.ACQUIRED:
+                if held is not None:
+                    self.room.leave(held)
+                    worker_state.task_reserved(req)
                 self._grant(req, key, lease)
+                if self.room.has_waiters(key.digest):
+                    self._watch(key)
+            elif held is not None:
+                if outcome == LeaseOutcome.CONTENDED:
+                    self._watch(key)
+            elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
+                self._skip(req, key)
             else:
-                self._hold(req, key, outcome, exc)
+                self._wait(req, key, outcome, exc)
         except Exception:
             logger.exception('mutex: could not handle the lease answer for %s[%s]',
                              req.name, req.id)
             if lease is not None:
                 self.leases.release(lease)
+            if held is not None:
+                self.room.leave(held)
             self._reject(req, requeue=True)
 
     # -- acquired ----------------------------------------------------------
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
         self.counters['acquired'] += 1
-        self._granted[lease] = req
-        self._bind_release(req, lease)
         req._request_dict['mutex_lease'] = {
-            'mutex': key.policy.name, 'key': key.digest, 'path': lease.path,
+            'mutex': key.policy.name, 'key': lease.key, 'path': lease.path,
             'token': lease.token, 'session': lease.session_id,
             'timeout': key.policy.timeout,
         }
+        watch_request_end(
+            req,
+            ended=lambda: self._release(lease),
+            killed=lambda: self._release_after_exit(req, lease),
+            started=lambda: self.c.call_soon(self._arm_timeout, req, lease, key),
+        )
         self._next(req)
 
-    def _bind_release(self, req: Any, lease: Lease) -> None:
-        """Wrap the request's end callbacks (per instance) to release the lease."""
-        release = partial(self._release, lease)
-        after_exit = partial(self._release_after_exit, req, lease)
-        on_success, on_failure = req.on_success, req.on_failure
-        on_timeout = req.on_timeout
-        announce_revoked = req._announce_revoked
-        announce_cancelled = req._announce_cancelled
-
-        def on_success_(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return on_success(*args, **kwargs)
-            finally:
-                failed, retval, _ = args[0]
-                if failed and isinstance(_exception(retval), _KILLED):
-                    after_exit()
-                else:
-                    release()
-
-        def on_failure_(exc_info: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return on_failure(exc_info, *args, **kwargs)
-            finally:
-                if isinstance(_exception(exc_info), _KILLED):
-                    after_exit()
-                else:
-                    release()
-
-        def on_timeout_(soft: bool, timeout: Any) -> Any:
-            try:
-                return on_timeout(soft, timeout)
-            finally:
-                if not soft:
-                    after_exit()
-
-        def announce_revoked_(reason: Any, terminated: bool, *args: Any) -> Any:
-            try:
-                return announce_revoked(reason, terminated, *args)
-            finally:
-                if terminated or req.time_start:
-                    after_exit()
-                else:  # never started: nothing runs
-                    release()
-
-        def announce_cancelled_(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return announce_cancelled(*args, **kwargs)
-            finally:
-                after_exit() if req.time_start else release()
-
-        req.on_success = on_success_
-        req.on_failure = on_failure_
-        req.on_timeout = on_timeout_
-        req._announce_revoked = announce_revoked_
-        req._announce_cancelled = announce_cancelled_
-
     def _release(self, lease: Lease) -> None:
-        # Any thread (prefork: hub; threads pool: executor; solo: inline).
+        # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
         if self.leases.release(lease):
-            self._granted.pop(lease, None)
             self.counters['released'] += 1
+            entry = self._timeouts.pop(lease, None)
+            if entry is not None:
+                entry.cancel()
 
     def _release_after_exit(self, req: Any, lease: Lease) -> None:
         pid = getattr(req, 'worker_pid', None)
@@ -261,32 +216,134 @@ class MutexGate:
         if not process_alive(pid):
             return self._release(lease)
         if time.monotonic() - since > 30:
-            logger.warning('mutex: pool process %s still alive 30s after its task '
-                           'ended; lease %s stays held until it exits', pid, lease.path)
-            since = time.monotonic() + 3600
-        self.c.timer.call_after(_DEAD_POLL, self.c.call_soon,
+            logger.warning('mutex: pool process %s is still alive 30s after its task '
+                           'was killed; lease %s stays held until it exits', pid, lease.path)
+            since = float('inf')
+        self.c.timer.call_after(_EXIT_POLL, self.c.call_soon,
                                 (self._wait_exit, lease, pid, since))
+
+    def _arm_timeout(self, req: Any, lease: Lease, key: MutexKey) -> None:
+        if lease.released:
+            return
+        deadline = (req.time_start or time.time()) + key.policy.timeout
+        self._timeouts[lease] = self.c.timer.call_after(
+            max(0.0, deadline - time.time()), self.c.call_soon,
+            (self._overran, req, lease, key))
+
+    def _overran(self, req: Any, lease: Lease, key: MutexKey) -> None:
+        self._timeouts.pop(lease, None)
+        if lease.released:
+            return
+        pid = getattr(req, 'worker_pid', None)
+        if not pid or pid == os.getpid():
+            logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s; this '
+                           'pool cannot kill it, so its lease stays until it returns',
+                           req.name, req.id, key.policy.timeout, key.describe())
+            return
+        self.counters['overran'] += 1
+        logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s: killing '
+                       'pool process %s (SIGKILL); the lease is released once it exited',
+                       req.name, req.id, key.policy.timeout, key.describe(), pid)
+        if not req.acknowledged:  # acks_late: the message goes back to the broker
+            self._reject(req, requeue=True)
+        try:
+            self.c.pool.terminate_job(pid, signal.SIGKILL)
+        except Exception as exc:
+            logger.error('mutex: could not kill pool process %s: %r', pid, exc)
+        # The pool reports the death (worker lost) and the release follows; in
+        # case it does not, wait for the exit here too.
+        self._release_after_exit(req, lease)
 
     # -- contended or unavailable -----------------------------------------
 
-    def _hold(self, req: Any, key: MutexKey, outcome: str,
+    def _wait(self, req: Any, key: MutexKey, outcome: str,
               exc: Optional[BaseException] = None) -> None:
         worker_state.task_ready(req)
         if outcome == LeaseOutcome.CONTENDED:
             self.counters['contended'] += 1
-            logger.debug('mutex: %s[%s] contended on %s; held %.2fs then requeued',
-                         req.name, req.id, key.describe(), key.policy.requeue_delay)
+            req.send_event('task-mutex-contended', key=key.digest, mutex=key.describe())
+            logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
         else:
             self.counters['unavailable'] += 1
             self._log_unavailable(req, exc)
-        compensated = self._compensated < self.settings.max_held
-        held = _Held(req, key, compensated)
-        if compensated:
-            self._compensated += 1
-            self.c.qos.increment_eventually()
-        self._held[req] = held
-        held.entry = self.c.timer.call_after(
-            key.policy.requeue_delay, self.c.call_soon, (self._hand_back, req))
+        self.room.hold(req, key, key.policy.requeue_delay)
+        if outcome == LeaseOutcome.CONTENDED:
+            self._watch(key)
+        self._poll_revoked()
+
+    def _watch(self, key: MutexKey) -> None:
+        digest = key.digest
+        if digest in self._watching or not self.leases.connected:
+            return
+        self._watching.add(digest)
+        generation = self._generation
+        call_soon = self.c.call_soon
+        self.leases.watch(key.slots, lambda: call_soon(self._wake, digest, generation))
+
+    def _wake(self, digest: str, generation: int) -> None:
+        """A lease of ``digest`` may be free: its first waiter tries again."""
+        self._watching.discard(digest)
+        if generation != self._generation:
+            return
+        held = self.room.first(digest)
+        if held is not None and not held.trying:
+            self._try(held.req, held.key, held)
+
+    def _expired(self, held: Held) -> None:
+        """A waiter's delay is over: hand its message back to the broker."""
+        self.room.leave(held)
+        req = held.req
+        if req.revoked():  # announced as revoked and acked
+            return
+        count = (req.message.headers or {}).get('x-delivery-count')
+        limit = held.key.policy.republish_after
+        if limit and isinstance(count, int) and count >= limit:
+            if self._republish(req):
+                return
+        self.counters['requeued'] += 1
+        req.send_event('task-mutex-requeued', key=held.key.digest)
+        self._reject(req, requeue=True)
+
+    def _republish(self, req: Any) -> bool:
+        """Publish a fresh copy (delivery count 0), then ack the original."""
+        message = req.message
+        info = message.delivery_info or {}
+        headers = {k: v for k, v in (message.headers or {}).items()
+                   if k != 'x-delivery-count'}
+        props = message.properties or {}
+        try:
+            with self.c.app.producer_or_acquire() as producer:
+                producer.publish(
+                    message.body, exchange=info.get('exchange') or '',
+                    routing_key=info.get('routing_key'), headers=headers,
+                    content_type=message.content_type,
+                    content_encoding=message.content_encoding,
+                    correlation_id=props.get('correlation_id'),
+                    reply_to=props.get('reply_to'), priority=props.get('priority'),
+                    delivery_mode=props.get('delivery_mode'), retry=False)
+        except Exception as exc:
+            logger.warning('mutex: could not republish %s[%s]: %r; requeueing it',
+                           req.name, req.id, exc)
+            return False
+        self.counters['republished'] += 1
+        req.acknowledged = True
+        message.ack_log_error(logger, self.c.connection_errors)
+        return True
+
+    def _poll_revoked(self) -> None:
+        """While messages wait, drop revoked ones at once (as revoked)."""
+        if self._revoke_timer is not None or not len(self.room):
+            return
+
+        def check() -> None:
+            self._revoke_timer = None
+            for held in list(self.room):
+                if held.req.id in worker_state.revoked or held.req.expires:
+                    if held.req.revoked():
+                        self.room.leave(held)
+            self._poll_revoked()
+        self._revoke_timer = self.c.timer.call_after(
+            _REVOKE_POLL, self.c.call_soon, (check,))
 
     def _log_unavailable(self, req: Any, exc: Optional[BaseException]) -> None:
         now = time.monotonic()
@@ -300,35 +357,35 @@ class MutexGate:
             'and go back to the broker (e.g. %s[%s])%s', self.leases.hosts, for_,
             req.name, req.id, f': {exc!r}' if exc else '')
 
-    def _hand_back(self, req: Any) -> None:
-        held = self._held.pop(req, None)
-        if held is None:
-            return
-        self._uncompensate(held)
-        if req.revoked():  # announces it as revoked and acks it
-            return
-        self.counters['requeued'] += 1
-        self._reject(req, requeue=True)
+    # -- skipping, refusing and rejecting -----------------------------------
 
-    def _uncompensate(self, held: _Held) -> None:
-        if held.compensated:
-            self._compensated -= 1
-            self.c.qos.decrement_eventually()
-
-    # -- refusing and rejecting --------------------------------------------
+    def _skip(self, req: Any, key: MutexKey) -> None:
+        """``mutex_contended='skip'``: drop visibly, never silently."""
+        self.counters['skipped'] += 1
+        worker_state.task_ready(req)
+        exc = MutexContended(req.name, key.describe())
+        logger.warning('mutex: %s[%s] skipped: %s is held (mutex_contended=skip)',
+                       req.name, req.id, key.describe())
+        self._store_failure(req, exc)
+        req.send_event('task-mutex-skipped', key=key.digest, mutex=key.describe())
+        req.acknowledged = True
+        req.message.ack_log_error(logger, self.c.connection_errors)
 
     def _refuse(self, req: Any, exc: Exception) -> None:
         """Fail a request whose key cannot be built; do not requeue it."""
         self.counters['refused'] += 1
         logger.error('mutex: %s[%s] refused: %s', req.name, req.id, exc)
         worker_state.task_ready(req)
+        self._store_failure(req, exc)
+        req.send_event('task-failed', exception=repr(exc), traceback='')
+        self._reject(req, requeue=False)
+
+    def _store_failure(self, req: Any, exc: Exception) -> None:
         try:
             req.task.backend.mark_as_failure(
                 req.id, exc, request=req._context, store_result=req.store_errors)
         except Exception:
             logger.exception('mutex: could not store the failure of %s', req.id)
-        req.send_event('task-failed', exception=repr(exc), traceback='')
-        self._reject(req, requeue=False)
 
     def _reject(self, req: Any, requeue: bool) -> None:
         # Straight on the message: Request.reject goes through call_soon,
@@ -338,45 +395,45 @@ class MutexGate:
         req.acknowledged = True
         req.message.reject_log_error(logger, self.c.connection_errors, requeue=requeue)
 
-    # -- consumer lifecycle ------------------------------------------------
+    # -- consumer and session lifecycle --------------------------------------
+
+    def on_session(self, state: str) -> None:
+        """The ZooKeeper session changed state (consumer thread)."""
+        if state != 'connected':
+            self._watching.clear()  # kazoo re-arms watches only within a session
+            return
+        for digest in list({h.key.digest for h in self.room}):
+            self._wake(digest, self._generation)
 
     def stop(self) -> None:
-        """The consumer stops: on shutdown hand held messages back now.
+        """The consumer stops: on shutdown hand waiting messages back now.
 
         On a broker reconnect their channel is gone and the broker requeues
         them itself; answers still on their way are ignored.
         """
+        from celery.bootsteps import RUN
         reconnect = self.c.blueprint.state == RUN
         self._generation += 1
-        held, self._held = self._held, {}
-        self._compensated = 0
-        for h in held.values():
-            if h.entry is not None:
-                try:
-                    self.c.timer.cancel(h.entry)
-                except Exception:
-                    pass
+        self._watching.clear()
+        for held in self.room.clear(restore_qos=False):
             if not reconnect:
                 self.counters['requeued'] += 1
                 try:
-                    self._reject(h.req, requeue=True)
+                    self._reject(held.req, requeue=True)
                 except Exception as exc:
-                    logger.warning('mutex: could not hand back %s: %r', h.req.id, exc)
+                    logger.warning('mutex: could not hand back %s: %r', held.req.id, exc)
 
     def info(self) -> Dict[str, Any]:
         return {
             'session': 'connected' if self.leases.connected else 'disconnected',
             'session_id': self.leases.session_id,
-            'held_messages': len(self._held),
+            'waiting': [{'task_id': h.req.id, 'task': h.req.name, 'key': h.key.digest,
+                         'waited': round(time.monotonic() - h.since, 3)} for h in self.room],
             'leases': [
                 {'key': lease.key, 'token': lease.token, 'task_id': lease.owner,
                  'age': round(time.monotonic() - lease.acquired_monotonic, 3)}
                 for lease in self.leases.held()
             ],
             'counters': dict(self.counters),
+            'zookeeper_ops': dict(self.leases.stats),
         }
-
-
-def _exception(exc_info: Any) -> Any:
-    exc = getattr(exc_info, 'exception', exc_info)
-    return getattr(exc, 'exc', exc)  # ExceptionWithTraceback

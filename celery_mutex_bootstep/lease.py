@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import ConnectionLoss, NodeExistsError, NoNodeError
@@ -130,6 +130,10 @@ class ZooKeeperLeases:
         self._session_id: Optional[int] = None
         self._connected = False
         self._started = False
+        # Releases queue here while a batch of deletes is in flight.
+        self._to_delete: List[Lease] = []
+        self._deleting = False
+        self.stats = {'creates': 0, 'deletes': 0, 'delete_batches': 0, 'watches': 0}
         self.disconnected_since: Optional[float] = time.monotonic()
         self.client.add_listener(self._on_kazoo_state)
 
@@ -168,30 +172,41 @@ class ZooKeeperLeases:
 
     # -- acquire / release -------------------------------------------------
 
-    def acquire(self, key: str, data: bytes, callback: Callback,
+    def acquire(self, keys: Sequence[str], data: bytes, callback: Callback,
                 owner: Any = None) -> None:
-        """Try to create the lease node for ``key``; never blocks.
+        """Try to create a lease node for one of ``keys``, in order; never blocks.
 
-        ``callback(outcome, lease, exc)`` runs on kazoo's thread with
-        ``LeaseOutcome.ACQUIRED`` and the lease, ``CONTENDED``, or
-        ``UNAVAILABLE`` and the error.
+        One key is a mutex; several are the slots of a semaphore (the first
+        free slot wins). ``callback(outcome, lease, exc)`` runs on kazoo's
+        thread with ``LeaseOutcome.ACQUIRED`` and the lease, ``CONTENDED``
+        (every key is held), or ``UNAVAILABLE`` and the error.
         """
-        path = self.path_for(key)
+        if isinstance(keys, str):
+            keys = (keys,)
         if not self._connected:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
+        self._try_create(list(keys), 0, data, callback, owner, session_id)
+
+    def _try_create(self, keys: List[str], i: int, data: bytes, callback: Callback,
+                    owner: Any, session_id: Optional[int]) -> None:
+        key = keys[i]
+        path = self.path_for(key)
         try:
             async_result = self.client.create_async(
                 path, data, ephemeral=True, makepath=True, include_data=True)
         except Exception as exc:  # closed client, bad state
             callback(LeaseOutcome.UNAVAILABLE, None, exc)
             return
+        self.stats['creates'] += 1
 
         def created(result: Any) -> None:
             try:
                 _, stat = result.get_nowait()
             except NodeExistsError:
+                if i + 1 < len(keys):
+                    return self._try_create(keys, i + 1, data, callback, owner, session_id)
                 return callback(LeaseOutcome.CONTENDED, None, None)
             except ConnectionLoss as exc:
                 # The create may have been applied: reap it on reconnect.
@@ -212,6 +227,31 @@ class ZooKeeperLeases:
 
         async_result.rawlink(created)
 
+    def watch(self, keys: Sequence[str], callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (kazoo's thread) once one of ``keys`` may be free.
+
+        A one-shot ZooKeeper watch per key; a key already free calls back at
+        once. Spurious calls are possible: the caller just tries again.
+        """
+        if not self._connected:
+            return
+        for key in keys:
+            try:
+                result = self.client.exists_async(
+                    self.path_for(key), watch=lambda event: callback())
+            except Exception:
+                return
+            self.stats['watches'] += 1
+
+            def checked(result: Any) -> None:
+                try:
+                    stat = result.get_nowait()
+                except Exception:
+                    return
+                if stat is None:
+                    callback()
+            result.rawlink(checked)
+
     def release(self, lease: Lease) -> bool:
         """Delete the lease's node, once. Safe from any thread.
 
@@ -225,25 +265,65 @@ class ZooKeeperLeases:
             same_session = (lease.session_id == self._session_id and not lease.lost)
         if not same_session:
             return True  # gone with its session; the path may be someone else's now
+        with self._lock:
+            self._to_delete.append(lease)
+            if self._deleting:
+                return True  # the batch in flight sends this one when it returns
+            self._deleting = True
+        self._send_deletes()
+        return True
+
+    def _send_deletes(self) -> None:
+        """Send every queued release, batched in one transaction.
+
+        While a batch is in flight new releases accumulate, so a busy worker
+        sends few large batches and an idle one single deletes at once.
+        """
+        with self._lock:
+            batch, self._to_delete = self._to_delete, []
+            session_id = self._session_id
+            if not batch:
+                self._deleting = False
+                return
+            batch = [lease for lease in batch
+                     if lease.session_id == session_id and not lease.lost]
+        if not batch:
+            return self._send_deletes()
+        self.stats['deletes'] += len(batch)
+        self.stats['delete_batches'] += 1
         try:
-            async_result = self.client.delete_async(lease.path)
+            if len(batch) == 1:
+                async_result = self.client.delete_async(batch[0].path)
+            else:
+                tx = self.client.transaction()
+                for lease in batch:
+                    tx.delete(lease.path)
+                async_result = tx.commit_async()
         except Exception:
-            logger.exception('mutex: could not release %s', lease.path)
-            return True
+            logger.exception('mutex: could not release %d lease(s)', len(batch))
+            return self._send_deletes()
 
         def deleted(result: Any) -> None:
             try:
-                result.get_nowait()
+                outcome = result.get_nowait()
             except NoNodeError:
                 pass
             except ConnectionLoss:
                 with self._lock:
-                    self._orphans.add((lease.path, lease.session_id))
+                    self._orphans.update((lease.path, lease.session_id) for lease in batch)
             except Exception as exc:
-                logger.warning('mutex: release of %s failed: %r', lease.path, exc)
+                logger.warning('mutex: release of %s failed: %r',
+                               ', '.join(lease.path for lease in batch), exc)
+            else:
+                if isinstance(outcome, list) and any(isinstance(r, Exception) for r in outcome):
+                    # One failed delete (a node removed by hand) rolled the
+                    # whole batch back: send those one by one.
+                    for lease, r in zip(batch, outcome):
+                        if not isinstance(r, NoNodeError):
+                            self.client.delete_async(lease.path)
+            self._send_deletes()
 
         async_result.rawlink(deleted)
-        return True
 
     # -- session events ----------------------------------------------------
 

@@ -14,6 +14,13 @@ Per-task options (``@app.task(mutex_keys=('account',), ...)``):
                         / ``MUTEX_TIMEOUT`` app config, else 3600).
 ``mutex_requeue_delay`` seconds a contended message is held in the consumer
                         before it goes back to the broker (default 1).
+``mutex_contended``     ``'requeue'`` (default) or ``'skip'``; the older
+                        libraries' ``mutex_requeue=True/False`` is an alias.
+``mutex_limit``         holders allowed at once per key (a semaphore; 1).
+``mutex_republish_after`` deliveries (RabbitMQ quorum queues' count) after
+                        which a contended message is republished as a fresh
+                        copy instead of requeued, so a delivery limit never
+                        drops it (default 10; 0 turns it off).
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ DEFAULT_TIMEOUT = 3600.0
 DEFAULT_REQUEUE_DELAY = 1.0
 DEFAULT_SESSION_TIMEOUT = 10.0
 DEFAULT_MAX_HELD = 64
+DEFAULT_REPUBLISH_AFTER = 10
+CONTENDED_POLICIES = ('requeue', 'skip')
 
 
 def _number(value: Any, what: str, *, minimum: float = 0.0,
@@ -129,6 +138,26 @@ def _validate_path(path: Any, what: str) -> str:
     return path
 
 
+def _contended(value: Any, requeue: Any, what: str) -> Optional[str]:
+    """``mutex_contended``, or the older libraries' ``mutex_requeue`` bool."""
+    if requeue is not None:
+        if not isinstance(requeue, bool):
+            raise MutexConfigError(f'{what.replace("mutex_contended", "mutex_requeue")} '
+                                   f'must be True or False, got {requeue!r}')
+        alias = 'requeue' if requeue else 'skip'
+        if value is not None and value != alias:
+            raise MutexConfigError(f'{what}={value!r} contradicts mutex_requeue={requeue!r}')
+        value = alias
+    if value is not None and value not in CONTENDED_POLICIES:
+        raise MutexConfigError(
+            f'{what} must be one of {", ".join(map(repr, CONTENDED_POLICIES))}, got {value!r}')
+    return value
+
+
+def _republish_after(value: Any, what: str, default: int) -> int:
+    return default if value is None else _integer(value, what, minimum=0)
+
+
 def _conf(conf: Mapping[str, Any], *names: str) -> Any:
     for name in names:
         value = conf.get(name)
@@ -148,6 +177,8 @@ class MutexSettings:
     requeue_delay: float = DEFAULT_REQUEUE_DELAY
     max_held: int = DEFAULT_MAX_HELD
     store_values: bool = True
+    contended: str = 'requeue'
+    republish_after: int = DEFAULT_REPUBLISH_AFTER
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
@@ -183,6 +214,11 @@ class MutexSettings:
             max_held=(DEFAULT_MAX_HELD if max_held is None
                       else _integer(max_held, 'app config mutex_max_held', minimum=0)),
             store_values=bool(conf.get('mutex_store_values', True)),
+            contended=_contended(conf.get('mutex_contended'), None,
+                                 'app config mutex_contended') or 'requeue',
+            republish_after=_republish_after(conf.get('mutex_republish_after'),
+                                             'app config mutex_republish_after',
+                                             DEFAULT_REPUBLISH_AFTER),
         )
 
 
@@ -193,6 +229,13 @@ class MutexKey:
     digest: str
     values: tuple
     policy: 'MutexPolicy' = field(repr=False, compare=False)
+
+    @property
+    def slots(self) -> tuple:
+        """Lease node names: the digest, or one per semaphore slot."""
+        limit = self.policy.limit
+        return (self.digest,) if limit == 1 else tuple(
+            f'{self.digest}-{i}' for i in range(limit))
 
     def describe(self) -> str:
         """Human text for logs: ``task[account=7]``."""
@@ -209,6 +252,9 @@ class MutexPolicy:
     keys: tuple
     timeout: float
     requeue_delay: float
+    contended: str = 'requeue'
+    limit: int = 1
+    republish_after: int = DEFAULT_REPUBLISH_AFTER
     signature: Optional[inspect.Signature] = field(default=None, repr=False, compare=False)
 
     def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> MutexKey:
@@ -290,5 +336,14 @@ def policy_for_task(task: Any, settings: MutexSettings) -> Optional[MutexPolicy]
     delay = getattr(task, 'mutex_requeue_delay', None)
     delay = settings.requeue_delay if delay is None else _number(
         delay, f'task {name!r}: option mutex_requeue_delay', allow_equal=True)
+    contended = _contended(getattr(task, 'mutex_contended', None),
+                           getattr(task, 'mutex_requeue', None),
+                           f'task {name!r}: option mutex_contended') or settings.contended
+    limit = getattr(task, 'mutex_limit', None)
+    limit = 1 if limit is None else _integer(limit, f'task {name!r}: option mutex_limit', minimum=1)
+    republish = _republish_after(getattr(task, 'mutex_republish_after', None),
+                                 f'task {name!r}: option mutex_republish_after',
+                                 settings.republish_after)
     return MutexPolicy(task=name, name=mutex_name, keys=keys, timeout=timeout,
-                       requeue_delay=delay, signature=signature)
+                       requeue_delay=delay, contended=contended, limit=limit,
+                       republish_after=republish, signature=signature)

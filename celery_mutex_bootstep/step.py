@@ -34,7 +34,9 @@ class MutexStep(bootsteps.StartStopStep):
         policies.validate_all()
         self.leases = ZooKeeperLeases(
             self.settings.hosts, self.settings.namespace,
-            session_timeout=self.settings.session_timeout)
+            session_timeout=self.settings.session_timeout,
+            # kazoo's thread: the gate hears of it on the consumer thread.
+            on_state=lambda state: c.call_soon(self.gate.on_session, state))
         # Before any start: every strategy built later captures the gate.
         self.gate = MutexGate(c, self.leases, policies, self.settings)
         self.gate.install()

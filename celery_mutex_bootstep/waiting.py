@@ -1,0 +1,112 @@
+"""Contended messages held in the consumer, per key, in arrival order.
+
+A held message costs no pool process and, up to ``max_held`` per worker, no
+prefetch slot either: holding it raises the prefetch count by one, as Celery
+does for ETA tasks, and handing it back lowers it again. Past ``max_held`` a
+held message keeps its own prefetch slot, so a hot key can never pull its
+whole queue into one worker's memory: at most ``prefetch + max_held``
+messages are in the worker.
+
+Each held message has a deadline (its ``mutex_requeue_delay``); the owner is
+told when it passes (``on_expire``) and decides what happens to the message.
+Consumer thread only.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
+
+__all__ = ('Held', 'WaitingRoom')
+
+
+class Held:
+    """One held message: its request, key, and state."""
+
+    __slots__ = ('req', 'key', 'entry', 'compensated', 'since', 'trying', 'gone')
+
+    def __init__(self, req: Any, key: Any, compensated: bool) -> None:
+        self.req = req
+        self.key = key
+        self.entry: Any = None
+        self.compensated = compensated
+        self.since = time.monotonic()
+        self.trying = False   # an acquisition for it is in flight
+        self.gone = False     # left the room (granted, handed back, revoked)
+
+
+class WaitingRoom:
+    def __init__(self, consumer: Any, max_held: int,
+                 on_expire: Callable[[Held], None]) -> None:
+        self.c = consumer
+        self.max_held = max_held
+        self.on_expire = on_expire
+        self._by_key: Dict[str, Deque[Held]] = OrderedDict()
+        self._count = 0
+        self._compensated = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Held]:
+        for queue in list(self._by_key.values()):
+            yield from list(queue)
+
+    def has_waiters(self, digest: str) -> bool:
+        return digest in self._by_key
+
+    def first(self, digest: str) -> Optional[Held]:
+        queue = self._by_key.get(digest)
+        return queue[0] if queue else None
+
+    def hold(self, req: Any, key: Any, delay: float) -> Held:
+        compensated = self._compensated < self.max_held
+        held = Held(req, key, compensated)
+        if compensated:
+            self._compensated += 1
+            self.c.qos.increment_eventually()
+        self._by_key.setdefault(key.digest, deque()).append(held)
+        self._count += 1
+        held.entry = self.c.timer.call_after(
+            delay, self.c.call_soon, (self._expired, held))
+        return held
+
+    def leave(self, held: Held) -> bool:
+        """Take ``held`` out of the room; False if it already left."""
+        if held.gone:
+            return False
+        held.gone = True
+        queue = self._by_key.get(held.key.digest)
+        if queue is not None:
+            try:
+                queue.remove(held)
+            except ValueError:
+                pass
+            if not queue:
+                del self._by_key[held.key.digest]
+        self._count -= 1
+        if held.entry is not None:
+            try:
+                self.c.timer.cancel(held.entry)
+            except Exception:
+                pass
+            held.entry = None
+        if held.compensated:
+            self._compensated -= 1
+            self.c.qos.decrement_eventually()
+        return True
+
+    def _expired(self, held: Held) -> None:
+        if not held.gone:
+            held.entry = None
+            self.on_expire(held)
+
+    def clear(self, *, restore_qos: bool) -> List[Held]:
+        """Everyone leaves at once (consumer stop); returns who was held."""
+        everyone = list(self)
+        for held in everyone:
+            if not restore_qos:
+                held.compensated = False  # the connection's qos is gone
+            self.leave(held)
+        self._compensated = 0
+        return everyone
