@@ -22,7 +22,7 @@ setup(
         'click>=8.0',
     ],
     extras_require={
-        'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5'],
+        'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4'],
     },
     classifiers=[
         'Framework :: Celery',

@@ -36,6 +36,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from typing import Any, Dict, Optional
 
 from celery.worker import state as worker_state
@@ -96,6 +97,8 @@ class MutexGate:
         self._revoke_timer: Any = None
         self._timeouts: Dict[Lease, Any] = {}
         self._last_unavailable_log = 0.0
+        self._inbox: deque = deque()
+        self._drain_scheduled = False
         self.counters = dict.fromkeys(
             ('acquired', 'contended', 'requeued', 'republished', 'skipped',
              'unavailable', 'refused', 'released', 'overran', 'lost'), 0)
@@ -131,13 +134,35 @@ class MutexGate:
                              getattr(req, 'name', '?'), getattr(req, 'id', '?'))
             self._reject(req, requeue=True)
 
+    def _post(self, *call: Any) -> None:
+        """From any thread: run ``call`` on the consumer thread, in order.
+
+        The hub's ``call_soon`` keeps a set, so its callbacks run in no
+        particular order; answers go through this FIFO instead, which keeps
+        a key's waiters in arrival order and wakes the hub once per batch.
+        """
+        self._inbox.append(call)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self.c.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        inbox = self._inbox
+        while inbox:
+            fun, *args = inbox.popleft()
+            try:
+                fun(*args)
+            except Exception:
+                logger.exception('mutex: %r failed', fun)
+
     def _try(self, req: Any, key: MutexKey, held: Optional[Held]) -> None:
         generation = self._generation
-        call_soon = self.c.call_soon
+        post = self._post
 
         def answered(outcome: str, lease: Optional[Lease], exc: Optional[BaseException]) -> None:
             # kazoo's thread: hand the answer to the consumer.
-            call_soon(self._answered, req, key, held, generation, outcome, lease, exc)
+            post(self._answered, req, key, held, generation, outcome, lease, exc)
 
         if held is not None:
             held.trying = True
@@ -277,8 +302,8 @@ class MutexGate:
             return
         self._watching.add(digest)
         generation = self._generation
-        call_soon = self.c.call_soon
-        self.leases.watch(key.slots, lambda: call_soon(self._wake, digest, generation))
+        post = self._post
+        self.leases.watch(key.slots, lambda: post(self._wake, digest, generation))
 
     def _wake(self, digest: str, generation: int) -> None:
         """A lease of ``digest`` may be free: its first waiter tries again."""

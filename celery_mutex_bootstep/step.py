@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 from celery import bootsteps
 
+from . import control  # noqa: F401  (registers the inspect command)
 from .gate import MutexGate, MutexPolicies
 from .lease import ZooKeeperLeases
 from .options import MutexSettings

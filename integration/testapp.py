@@ -29,7 +29,14 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
     broker_connection_retry_on_startup=True,
     result_expires=3600,
+    mutex_max_held=int(os.environ.get('TEST_MAX_HELD', '64')),
+    mutex_republish_after=int(os.environ.get('TEST_REPUBLISH_AFTER', '10')),
 )
+if os.environ.get('TEST_QUEUE_TYPE') == 'quorum':
+    from kombu import Queue
+    app.conf.task_queues = [Queue(app.conf.task_default_queue, queue_arguments={
+        'x-queue-type': 'quorum',
+        'x-delivery-limit': int(os.environ.get('TEST_DELIVERY_LIMIT', '3'))})]
 if os.environ.get('TEST_INSTALL', '1') == '1':
     install(app)
 
@@ -100,6 +107,57 @@ def ends(self, key, how, duration=0.0):
     elif how == 'sleep':
         time.sleep(duration)
     record(self, 'end', key, how=how)
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_contended='skip')
+def skipper(self, key, duration=0.0):
+    record(self, 'start', key)
+    time.sleep(duration)
+    record(self, 'end', key)
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_requeue=False)
+def legacy_skipper(self, key, duration=0.0):
+    record(self, 'start', key)
+    time.sleep(duration)
+    record(self, 'end', key)
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_limit=3)
+def limited(self, key, duration=0.0, seq=None):
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_timeout=1.5)
+def overrun(self, key, duration=0.0):
+    record(self, 'start', key)
+    time.sleep(duration)
+    record(self, 'end', key)
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_requeue_delay=30)
+def patient(self, key, duration=0.0, seq=None):
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_name='billing', mutex_keys=('account',))
+def charge(self, account, amount=0, duration=0.0):
+    record(self, 'start', f'billing/{account}')
+    time.sleep(duration)
+    record(self, 'end', f'billing/{account}')
+
+
+@app.task(bind=True, mutex_name='billing', mutex_keys=('acct',))
+def refund(self, acct, duration=0.0):
+    record(self, 'start', f'billing/{acct}')
+    time.sleep(duration)
+    record(self, 'end', f'billing/{acct}')
 
 
 @app.task(bind=True)

@@ -1,0 +1,197 @@
+"""Contention without waste: wake-up, skip, semaphores, timeouts, shared mutexes,
+revoked waiters, bounded holding, a slow ZooKeeper, quorum-queue delivery limits."""
+import subprocess
+import time
+
+import pytest
+
+from .records import overlaps
+from .scenario import wait_for
+
+
+def results(handles, timeout=60):
+    return [h.get(timeout=timeout, propagate=False) for h in handles]
+
+
+def mutex_info(s, worker):
+    replies = s.client.control.inspect([s.nodename(worker)], timeout=3)._request('mutex_leases') or {}
+    return list(replies.values())[0]
+
+
+def test_freed_key_is_handed_over_without_waiting_for_the_delay(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    # patient: mutex_requeue_delay=30, so only the watch can explain a fast handover.
+    handles = [s.send('patient', 'p', 0.5, 0)]
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    handles += [s.send('patient', 'p', 0.5, i) for i in range(1, 5)]
+    assert sorted(results(handles)) == [0, 1, 2, 3, 4]
+    runs = sorted(s.records.executions(), key=lambda r: r.start)
+    gaps = [b.start - a.end for a, b in zip(runs, runs[1:])]
+    assert overlaps(runs) == []
+    assert max(gaps) < 1.0, gaps
+    # waiters on one worker run in arrival order
+    assert [r.extra['seq'] for r in runs] == [0, 1, 2, 3, 4]
+
+
+def test_skip_stores_failure_with_mutex_contended_and_logs(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('skipper', 'sk', 2.0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    skipped = s.send('skipper', 'sk', 0)
+    legacy = s.send('legacy_skipper', 'sk2', 0)  # its own key: runs
+    with pytest.raises(Exception) as info:
+        skipped.get(timeout=20)
+    assert type(info.value).__name__ == 'MutexContended'
+    assert 'sk' in str(info.value) and skipped.state == 'FAILURE'
+    legacy.get(timeout=20)
+    holder.get(timeout=20)
+    assert s.records.count('start') == 2
+    line = [x for x in w.log_text().splitlines() if 'skipped' in x][0]
+    assert 'WARNING' in line and skipped.id in line and "key='sk'" in line
+
+
+def test_legacy_mutex_requeue_false_skips(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    holder = s.send('legacy_skipper', 'ls', 1.5)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    with pytest.raises(Exception) as info:
+        s.send('legacy_skipper', 'ls', 0).get(timeout=20)
+    assert type(info.value).__name__ == 'MutexContended'
+    holder.get(timeout=20)
+
+
+def test_semaphore_of_three(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4, wait=False)
+    s.worker('w2', concurrency=4)
+    s.workers[0].wait_ready()
+    handles = [s.send('limited', 'sem', 0.4, i) for i in range(15)]
+    assert sorted(results(handles)) == list(range(15))
+    runs = s.records.executions()
+    events = sorted([(r.start, 1) for r in runs] + [(r.end, -1) for r in runs])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 3, f'peak concurrency {peak}'
+    assert len(runs) == 15
+
+
+def test_overrunning_task_is_killed_then_released(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    h = s.send('overrun', 'ov', 30)
+    wait_for(lambda: s.records.count('start') == 1, message='started')
+    run = s.records.executions()[0]
+    path = s.lease_path('overrun', 'ov')
+    assert s.zk.exists(path)
+    deadline = time.monotonic() + 20
+    while s.zk.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    released_at = time.time()
+    assert not s.zk.exists(path)
+    from celery_mutex_bootstep.processes import process_alive
+    assert not process_alive(run.pid), 'released while the task could still run'
+    assert released_at - run.start >= 1.5, 'not before its timeout'
+    assert released_at - run.start < 10
+    assert 'overran its mutex_timeout' in w.log_text()
+    with pytest.raises(Exception):
+        h.get(timeout=20)
+    assert s.records.count('end') == 0
+    s.send('overrun', 'ov', 0).get(timeout=20)
+
+
+def test_mutex_name_is_shared_between_tasks(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    results([s.send('charge', 7, 10, 0.5), s.send('refund', 7, 0.5),
+             s.send('charge', 7, 1, 0.5), s.send('refund', 8, 0.5)])
+    runs = s.records.executions()
+    seven = [r for r in runs if r.key == 'billing/7']
+    eight = [r for r in runs if r.key == 'billing/8']
+    assert len(seven) == 3 and overlaps(seven) == []
+    assert any(e.start < r.end and r.start < e.end for e in eight for r in seven)
+
+
+def test_revoking_a_waiting_message_drops_it_at_once(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('patient', 'rv', 4.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiter = s.send('patient', 'rv', 0, 1)
+    wait_for(lambda: mutex_info(s, w)['waiting'], message='waiter held')
+    t0 = time.monotonic()
+    s.client.control.revoke(waiter.id)
+    # (Celery 5.7's revoke command itself stores REVOKED: wait for the worker.)
+    wait_for(lambda: mutex_info(s, w)['waiting'] == [], timeout=5, message='dropped')
+    assert time.monotonic() - t0 < 2.0
+    assert 'Discarding revoked task' in w.log_text()
+    holder.get(timeout=20)
+    assert waiter.state == 'REVOKED'
+    with s.client.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(s.queue, passive=True)
+    assert count == 0, 'the revoked message was acked, not requeued'
+    time.sleep(0.5)
+    assert s.records.count('start') == 1
+
+
+def test_hot_key_never_holds_more_than_the_bound(scenario):
+    s = scenario
+    w = s.worker('w1', concurrency=2, env={'TEST_MAX_HELD': '2', 'TEST_PREFETCH': '2',
+                                           'TEST_REQUEUE_DELAY': '0.5'})
+    holder = s.send('work', 'hot', 4.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiting = [s.send('work', 'hot', 0, i) for i in range(1, 31)]
+    seen = []
+    for _ in range(10):  # while the holder runs
+        info = mutex_info(s, w)
+        seen.append(len(info['waiting']))
+        time.sleep(0.2)
+    assert s.records.count('start') == 1
+    # prefetch 4 (2 processes x 2; the holder was acked on start) + 2 compensated
+    assert max(seen) <= 6, seen
+    assert max(seen) >= 3, seen
+    assert sorted(results([holder] + waiting, timeout=90)) == list(range(31))
+    runs = [r for r in s.records.executions() if r.key == 'hot']
+    assert len(runs) == 31 and overlaps(runs) == []
+
+
+def test_slow_zookeeper_does_not_stop_plain_tasks(scenario, zk_factory):
+    s = scenario
+    node = zk_factory()
+    s.worker('w1', concurrency=2, hosts=node.hosts)
+    s.send('work', 'slow', 0, 0).get(timeout=20)
+    node.pause()
+    try:
+        guarded = [s.send('work', 'slow', 0, i) for i in range(1, 4)]
+        t0 = time.monotonic()
+        plain = [s.send('plain', i) for i in range(5)]
+        assert results(plain, timeout=20) == list(range(5))
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.5)
+        assert s.records.count('start') == 1 + 5, 'no guarded task ran while ZooKeeper was frozen'
+    finally:
+        node.resume()
+    assert sorted(results(guarded, timeout=60)) == [1, 2, 3]
+
+
+def test_quorum_queue_delivery_limit_loses_nothing(scenario_for):
+    s = scenario_for('rabbitmq')
+    s.queue = s.queue + '-qq'
+    s.client.conf.task_default_queue = s.queue
+    s.records.name = s.queue
+    from kombu import Queue
+    s.client.conf.task_queues = [Queue(s.queue, queue_arguments={
+        'x-queue-type': 'quorum', 'x-delivery-limit': 3})]
+    env = {'TEST_QUEUE_TYPE': 'quorum', 'TEST_DELIVERY_LIMIT': '3',
+           'TEST_REPUBLISH_AFTER': '2', 'TEST_REQUEUE_DELAY': '0.2', 'TEST_PREFETCH': '1'}
+    w = s.worker('w1', concurrency=1, env=env)
+    holder = s.send('work', 'q', 3.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiter = s.send('work', 'q', 0, 1)
+    assert holder.get(timeout=30) == 0
+    assert waiter.get(timeout=30) == 1, 'the waiter outlived the delivery limit'
+    assert mutex_info(s, w)['counters']['republished'] >= 1
