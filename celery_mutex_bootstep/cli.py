@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import click
 from celery.bin.base import CeleryOption
 
 from .step import MutexStep
@@ -25,6 +26,12 @@ def worker_options() -> list:
             help_group=_GROUP,
             help=('ZooKeeper session timeout in seconds (default: app config '
                   'mutex_session_timeout, then 10).')),
+        CeleryOption(
+            ['--mutex-on-session-loss'], default=None,
+            type=click.Choice(['kill', 'continue']), help_group=_GROUP,
+            help=('What running holders do when the ZooKeeper session is lost: '
+                  '"kill" (default: SIGKILL, the task runs again elsewhere) or '
+                  '"continue" (they finish, without exclusivity).')),
     ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from celery.exceptions import ImproperlyConfigured
 
-__all__ = ('MutexConfigError', 'MutexKeyError', 'MutexContended')
+__all__ = ('MutexConfigError', 'MutexKeyError', 'MutexContended', 'MutexTimeout')
 
 
 class MutexConfigError(ImproperlyConfigured, click.UsageError):
@@ -40,3 +40,15 @@ class MutexContended(Exception):
 
     def __str__(self) -> str:
         return f'mutex for {self.task} is held (key {self.key})'
+
+
+class MutexTimeout(Exception):
+    """Stored as the result of a task killed for outliving its ``mutex_timeout``."""
+
+    def __init__(self, task: str = '', timeout: float = 0.0) -> None:
+        super().__init__(task, timeout)
+        self.task = task
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f'{self.task} overran its mutex_timeout of {self.timeout:g}s and was killed'

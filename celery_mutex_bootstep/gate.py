@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional
 
 from celery.worker import state as worker_state
 
-from .exceptions import MutexConfigError, MutexContended, MutexKeyError
+from .exceptions import MutexConfigError, MutexContended, MutexKeyError, MutexTimeout
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
 from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
 from .payload import lease_data
@@ -96,8 +96,10 @@ class MutexGate:
         self._watching: set = set()
         self._revoke_timer: Any = None
         self._timeouts: Dict[Lease, Any] = {}
+        self._granted: Dict[Lease, Any] = {}
         self._last_unavailable_log = 0.0
         self._inbox: deque = deque()
+        self._arrivals = 0
         self._drain_scheduled = False
         self.counters = dict.fromkeys(
             ('acquired', 'contended', 'requeued', 'republished', 'skipped',
@@ -123,12 +125,14 @@ class MutexGate:
                 key = policy.key_for(req.args, req.kwargs)
             except MutexKeyError as exc:
                 return self._refuse(req, exc)
+            self._arrivals += 1
+            seq = self._arrivals
             if not self.leases.connected:
-                return self._wait(req, key, LeaseOutcome.UNAVAILABLE)
+                return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
             if policy.contended == 'requeue' and self.room.has_waiters(key.digest):
                 # Queue behind this worker's waiters for the key: arrival order.
-                return self._wait(req, key, LeaseOutcome.CONTENDED)
-            self._try(req, key, None)
+                return self._wait(req, key, LeaseOutcome.CONTENDED, seq=seq)
+            self._try(req, key, None, seq)
         except Exception:  # never into the consumer's event loop
             logger.exception('mutex: gate failed on %s[%s]; handing it back',
                              getattr(req, 'name', '?'), getattr(req, 'id', '?'))
@@ -156,13 +160,13 @@ class MutexGate:
             except Exception:
                 logger.exception('mutex: %r failed', fun)
 
-    def _try(self, req: Any, key: MutexKey, held: Optional[Held]) -> None:
+    def _try(self, req: Any, key: MutexKey, held: Optional[Held], seq: int = 0) -> None:
         generation = self._generation
         post = self._post
 
         def answered(outcome: str, lease: Optional[Lease], exc: Optional[BaseException]) -> None:
             # kazoo's thread: hand the answer to the consumer.
-            post(self._answered, req, key, held, generation, outcome, lease, exc)
+            post(self._answered, req, key, held, generation, outcome, lease, exc, seq)
 
         if held is not None:
             held.trying = True
@@ -171,10 +175,14 @@ class MutexGate:
         self.leases.acquire(key.slots, data, answered, owner=req.id)
 
     def _answered(self, req: Any, key: MutexKey, held: Optional[Held], generation: int,
-                  outcome: str, lease: Optional[Lease], exc: Optional[BaseException]) -> None:
+                  outcome: str, lease: Optional[Lease], exc: Optional[BaseException],
+                  seq: int = 0) -> None:
         try:
             if held is not None:
                 held.trying = False
+            if lease is not None and outcome != LeaseOutcome.ACQUIRED:
+                self.leases.release(lease)  # won under a session given up since
+                lease = None
             if generation != self._generation or (held is not None and held.gone):
                 # The message left us meanwhile (broker reconnect, handed
                 # back, revoked): so does any lease won for it.
@@ -194,7 +202,7 @@ class MutexGate:
             elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
                 self._skip(req, key)
             else:
-                self._wait(req, key, outcome, exc)
+                self._wait(req, key, outcome, exc, seq=seq)
         except Exception:
             logger.exception('mutex: could not handle the lease answer for %s[%s]',
                              req.name, req.id)
@@ -208,21 +216,33 @@ class MutexGate:
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
         self.counters['acquired'] += 1
+        logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
+                     key.describe(), lease.token)
         req._request_dict['mutex_lease'] = {
             'mutex': key.policy.name, 'key': lease.key, 'path': lease.path,
             'token': lease.token, 'session': lease.session_id,
             'timeout': key.policy.timeout,
         }
+        self._granted[lease] = req
         watch_request_end(
             req,
             ended=lambda: self._release(lease),
             killed=lambda: self._release_after_exit(req, lease),
-            started=lambda: self.c.call_soon(self._arm_timeout, req, lease, key),
+            started=lambda: self._started(req, lease, key),
         )
         self._next(req)
 
+    def _started(self, req: Any, lease: Lease, key: MutexKey) -> None:
+        # The pool's thread. A lease lost before the pool started the task
+        # (the session ended while it sat in the pool's queue): stop it now.
+        if lease.lost:
+            self._post(self._stop_holder, req, lease, 'its lease was lost before it started')
+        else:
+            self._post(self._arm_timeout, req, lease, key)
+
     def _release(self, lease: Lease) -> None:
         # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
+        self._granted.pop(lease, None)
         if self.leases.release(lease):
             self.counters['released'] += 1
             entry = self._timeouts.pop(lease, None)
@@ -269,20 +289,29 @@ class MutexGate:
         logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s: killing '
                        'pool process %s (SIGKILL); the lease is released once it exited',
                        req.name, req.id, key.policy.timeout, key.describe(), pid)
-        if not req.acknowledged:  # acks_late: the message goes back to the broker
+        if req.acknowledged:  # the message is gone: say why in the result
+            self._store_failure(req, MutexTimeout(req.name, key.policy.timeout))
+        else:  # acks_late: the message goes back to the broker
             self._reject(req, requeue=True)
+        self._kill(req, lease)
+
+    def _kill(self, req: Any, lease: Lease) -> None:
+        """SIGKILL the pool process running ``req`` (cannot be caught).
+
+        Through ``Request.cancel``, as Celery does on a lost broker connection:
+        the pool reports the end as cancelled, so nothing else is stored or
+        acked, and the lease is released once the process has exited.
+        """
         try:
-            self.c.pool.terminate_job(pid, signal.SIGKILL)
+            req.cancel(self.c.pool, signal='SIGKILL', emit_retry=False)
         except Exception as exc:
-            logger.error('mutex: could not kill pool process %s: %r', pid, exc)
-        # The pool reports the death (worker lost) and the release follows; in
-        # case it does not, wait for the exit here too.
+            logger.error('mutex: could not kill pool process %s: %r', req.worker_pid, exc)
         self._release_after_exit(req, lease)
 
     # -- contended or unavailable -----------------------------------------
 
     def _wait(self, req: Any, key: MutexKey, outcome: str,
-              exc: Optional[BaseException] = None) -> None:
+              exc: Optional[BaseException] = None, seq: int = 0) -> None:
         worker_state.task_ready(req)
         if outcome == LeaseOutcome.CONTENDED:
             self.counters['contended'] += 1
@@ -291,7 +320,7 @@ class MutexGate:
         else:
             self.counters['unavailable'] += 1
             self._log_unavailable(req, exc)
-        self.room.hold(req, key, key.policy.requeue_delay)
+        self.room.hold(req, key, key.policy.requeue_delay, seq)
         if outcome == LeaseOutcome.CONTENDED:
             self._watch(key)
         self._poll_revoked()
@@ -312,6 +341,8 @@ class MutexGate:
             return
         held = self.room.first(digest)
         if held is not None and not held.trying:
+            logger.debug('mutex: %s freed? %s[%s] tries again', digest[:12],
+                         held.req.name, held.req.id)
             self._try(held.req, held.key, held)
 
     def _expired(self, held: Held) -> None:
@@ -351,8 +382,9 @@ class MutexGate:
                            req.name, req.id, exc)
             return False
         self.counters['republished'] += 1
-        req.acknowledged = True
-        message.ack_log_error(logger, self.c.connection_errors)
+        if not req.acknowledged:
+            req.acknowledged = True
+            message.ack_log_error(logger, self.c.connection_errors)
         return True
 
     def _poll_revoked(self) -> None:
@@ -421,6 +453,50 @@ class MutexGate:
         req.message.reject_log_error(logger, self.c.connection_errors, requeue=requeue)
 
     # -- consumer and session lifecycle --------------------------------------
+
+    def on_lost(self, leases: list) -> None:
+        """The session's leases are gone (any thread): stop their holders."""
+        self._post(self._session_lost, leases)
+
+    def _session_lost(self, leases: list) -> None:
+        for lease in leases:
+            req = self._granted.pop(lease, None)
+            if req is None or lease.released:
+                continue
+            self.counters['lost'] += 1
+            req.send_event('task-mutex-lost', key=lease.key)
+            if req.time_start is None:
+                self._stop_holder(req, lease, 'its lease was lost before it started')
+            elif self.settings.on_session_loss == 'continue':
+                logger.error('mutex: %s[%s] lost its lease with the ZooKeeper session; it '
+                             'continues WITHOUT exclusivity (mutex_on_session_loss=continue)',
+                             req.name, req.id)
+            else:
+                self._stop_holder(req, lease, 'its lease was lost with the ZooKeeper session')
+
+    def _stop_holder(self, req: Any, lease: Lease, why: str) -> None:
+        """Never run without a lease: kill it or keep it from starting, and
+        hand its message back so it runs again from the start elsewhere."""
+        started = req.time_start is not None
+        pid = getattr(req, 'worker_pid', None)
+        killable = started and pid and pid != os.getpid()
+        if not req.__dict__.get('_mutex_stopped'):
+            req._mutex_stopped = True
+            logger.error('mutex: %s[%s] %s: %s; it will run again from the start', req.name,
+                         req.id, why, 'killing it' if killable else
+                         'stopping it' if not started else 'this pool cannot kill it')
+            if not req.acknowledged:
+                self._reject(req, requeue=True)
+            elif not self._republish(req):
+                logger.error('mutex: %s[%s] could not be republished: it will not run again',
+                             req.name, req.id)
+        if not started:
+            # Still in the pool's queue: execute_using_pool will refuse it.
+            req._already_revoked = True
+            worker_state.task_ready(req)
+            self._release(lease)
+        elif killable:
+            self._kill(req, lease)
 
     def on_session(self, state: str) -> None:
         """The ZooKeeper session changed state (consumer thread)."""

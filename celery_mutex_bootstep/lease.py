@@ -40,6 +40,8 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import ConnectionLoss, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
+from .session import SessionDeadline
+
 __all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
 
 logger = logging.getLogger(__name__)
@@ -107,9 +109,11 @@ class ZooKeeperLeases:
 
     def __init__(self, hosts: str, namespace: str, *,
                  session_timeout: float = 10.0,
+                 session_margin: Optional[float] = None,
                  on_state: Optional[Callable[[str], None]] = None,
                  on_lost: Optional[Callable[[List[Lease]], None]] = None,
-                 client: Optional[KazooClient] = None) -> None:
+                 client: Optional[KazooClient] = None,
+                 client_options: Optional[Dict[str, Any]] = None) -> None:
         self.hosts = hosts
         self.namespace = namespace.rstrip('/')
         self.session_timeout = session_timeout
@@ -122,6 +126,7 @@ class ZooKeeperLeases:
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2,
                                         max_delay=1.0),
             logger=kazoo_logger,
+            **(client_options or {}),
         )
         self._lock = threading.Lock()
         self._held: Dict[str, Lease] = {}
@@ -136,6 +141,9 @@ class ZooKeeperLeases:
         self.stats = {'creates': 0, 'deletes': 0, 'delete_batches': 0, 'watches': 0}
         self.disconnected_since: Optional[float] = time.monotonic()
         self.client.add_listener(self._on_kazoo_state)
+        self.deadline = SessionDeadline(self.client, '/', session_timeout,
+                                        margin=session_margin,
+                                        on_deadline=self._give_up)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -144,12 +152,14 @@ class ZooKeeperLeases:
         if not self._started:
             self._started = True
             self.client.start_async()
+            self.deadline.start()
 
     def close(self) -> None:
         """End the session (its lease nodes vanish). Blocks: shutdown only."""
         if not self._started:
             return
         self._started = False
+        self.deadline.stop()
         try:
             self.client.stop()
         finally:
@@ -157,7 +167,8 @@ class ZooKeeperLeases:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        """Connected, and the session is certainly alive (within its deadline)."""
+        return self._connected and self.deadline.valid()
 
     @property
     def session_id(self) -> Optional[int]:
@@ -183,7 +194,7 @@ class ZooKeeperLeases:
         """
         if isinstance(keys, str):
             keys = (keys,)
-        if not self._connected:
+        if not self.connected:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
@@ -200,10 +211,12 @@ class ZooKeeperLeases:
             callback(LeaseOutcome.UNAVAILABLE, None, exc)
             return
         self.stats['creates'] += 1
+        sent_at = time.monotonic()
 
         def created(result: Any) -> None:
             try:
                 _, stat = result.get_nowait()
+                self.deadline.acked(sent_at)
             except NodeExistsError:
                 if i + 1 < len(keys):
                     return self._try_create(keys, i + 1, data, callback, owner, session_id)
@@ -219,10 +232,13 @@ class ZooKeeperLeases:
             lease = Lease(path, key, stat.ephemeralOwner, stat.czxid, owner)
             with self._lock:
                 self._held[path] = lease
-                # The session may have expired between the server's reply
-                # and here; then the node is already gone with it.
-                if self._session_id != lease.session_id:
+                # The session may have been given up or expired between the
+                # server's reply and here; then the lease is not ours to use.
+                if self._session_id != lease.session_id or not self.connected:
                     lease.lost = True
+                    del self._held[path]
+            if lease.lost:
+                return callback(LeaseOutcome.UNAVAILABLE, lease, None)
             callback(LeaseOutcome.ACQUIRED, lease, None)
 
         async_result.rawlink(created)
@@ -339,6 +355,8 @@ class ZooKeeperLeases:
                 self._session_id = session_id
                 self._connected = True
                 self.disconnected_since = None
+            # The server accepted the session just now.
+            self.deadline.acked(time.monotonic())
             self.client.handler.spawn(self._reap_orphans)
             name = 'connected'
         elif state == KazooState.SUSPENDED:
@@ -359,6 +377,35 @@ class ZooKeeperLeases:
         if self.on_state:
             self.on_state(name)
         return False  # stay registered
+
+    def _give_up(self) -> None:
+        """The session deadline passed (heartbeat thread): assume it expired.
+
+        Its leases are reported lost at once, before another worker can
+        acquire them; then the session is closed (if the server still has it,
+        its nodes vanish now rather than hold stale leases) and replaced.
+        """
+        with self._lock:
+            if not self._started:
+                return
+            self._connected = False
+            if self.disconnected_since is None:
+                self.disconnected_since = time.monotonic()
+            lost = self._drop_all_locked()
+            self._orphans.clear()
+        logger.error('mutex: no answer from ZooKeeper (%s) within the session deadline '
+                     '(negotiated timeout %.1fs, margin %.1fs): treating the session as '
+                     'lost', self.hosts, self.deadline.negotiated_timeout, self.deadline.margin)
+        if lost and self.on_lost:
+            self.on_lost(lost)
+        if self.on_state:
+            self.on_state('lost')
+        try:
+            self.client.stop()
+        except Exception:
+            logger.exception('mutex: could not close the old ZooKeeper session')
+        if self._started:
+            self.client.start_async()
 
     def _drop_all_locked(self) -> List[Lease]:
         lost = [lease for lease in self._held.values() if not lease.released]

@@ -48,6 +48,7 @@ DEFAULT_SESSION_TIMEOUT = 10.0
 DEFAULT_MAX_HELD = 64
 DEFAULT_REPUBLISH_AFTER = 10
 CONTENDED_POLICIES = ('requeue', 'skip')
+SESSION_LOSS_POLICIES = ('kill', 'continue')
 
 
 def _number(value: Any, what: str, *, minimum: float = 0.0,
@@ -179,11 +180,14 @@ class MutexSettings:
     store_values: bool = True
     contended: str = 'requeue'
     republish_after: int = DEFAULT_REPUBLISH_AFTER
+    on_session_loss: str = 'kill'
+    session_margin: Optional[float] = None
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
                  hosts: Optional[str] = None,
-                 session_timeout: Any = None) -> 'MutexSettings':
+                 session_timeout: Any = None,
+                 on_session_loss: Optional[str] = None) -> 'MutexSettings':
         if hosts is not None:
             hosts_source = '--mutex-hosts'
         elif conf.get('mutex_hosts') is not None:
@@ -197,6 +201,16 @@ class MutexSettings:
         else:
             session_timeout = conf.get('mutex_session_timeout')
             st_source = 'mutex_session_timeout'
+        if on_session_loss is not None:
+            loss_source = '--mutex-on-session-loss'
+        else:
+            on_session_loss = conf.get('mutex_on_session_loss') or 'kill'
+            loss_source = 'app config mutex_on_session_loss'
+        if on_session_loss not in SESSION_LOSS_POLICIES:
+            raise MutexConfigError(
+                f'{loss_source} must be one of '
+                f'{", ".join(map(repr, SESSION_LOSS_POLICIES))}, got {on_session_loss!r}')
+        margin = conf.get('mutex_session_margin')
         timeout = _conf(conf, 'mutex_timeout', 'MUTEX_TIMEOUT')
         delay = conf.get('mutex_requeue_delay')
         max_held = conf.get('mutex_max_held')
@@ -219,6 +233,9 @@ class MutexSettings:
             republish_after=_republish_after(conf.get('mutex_republish_after'),
                                              'app config mutex_republish_after',
                                              DEFAULT_REPUBLISH_AFTER),
+            on_session_loss=on_session_loss,
+            session_margin=(None if margin is None else _number(
+                margin, 'app config mutex_session_margin', allow_equal=True)),
         )
 
 

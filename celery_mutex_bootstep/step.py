@@ -27,17 +27,21 @@ class MutexStep(bootsteps.StartStopStep):
     requires = ('celery.worker.consumer.tasks:Tasks',)
 
     def __init__(self, c: Any, mutex_hosts: Optional[str] = None,
-                 mutex_session_timeout: Any = None, **kwargs: Any) -> None:
+                 mutex_session_timeout: Any = None,
+                 mutex_on_session_loss: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self.settings = MutexSettings.from_app(
-            c.app.conf, hosts=mutex_hosts, session_timeout=mutex_session_timeout)
+            c.app.conf, hosts=mutex_hosts, session_timeout=mutex_session_timeout,
+            on_session_loss=mutex_on_session_loss)
         policies = MutexPolicies(c.app, self.settings)
         policies.validate_all()
         self.leases = ZooKeeperLeases(
             self.settings.hosts, self.settings.namespace,
             session_timeout=self.settings.session_timeout,
-            # kazoo's thread: the gate hears of it on the consumer thread.
-            on_state=lambda state: c.call_soon(self.gate.on_session, state))
+            session_margin=self.settings.session_margin,
+            # kazoo's or the heartbeat's thread: the gate takes it from there.
+            on_state=lambda state: c.call_soon(self.gate.on_session, state),
+            on_lost=lambda leases: self.gate.on_lost(leases))
         # Before any start: every strategy built later captures the gate.
         self.gate = MutexGate(c, self.leases, policies, self.settings)
         self.gate.install()

@@ -23,11 +23,12 @@ __all__ = ('Held', 'WaitingRoom')
 class Held:
     """One held message: its request, key, and state."""
 
-    __slots__ = ('req', 'key', 'entry', 'compensated', 'since', 'trying', 'gone')
+    __slots__ = ('req', 'key', 'seq', 'entry', 'compensated', 'since', 'trying', 'gone')
 
-    def __init__(self, req: Any, key: Any, compensated: bool) -> None:
+    def __init__(self, req: Any, key: Any, compensated: bool, seq: int = 0) -> None:
         self.req = req
         self.key = key
+        self.seq = seq
         self.entry: Any = None
         self.compensated = compensated
         self.since = time.monotonic()
@@ -59,13 +60,20 @@ class WaitingRoom:
         queue = self._by_key.get(digest)
         return queue[0] if queue else None
 
-    def hold(self, req: Any, key: Any, delay: float) -> Held:
+    def hold(self, req: Any, key: Any, delay: float, seq: int = 0) -> Held:
+        """Hold ``req``; ``seq`` is its arrival number, which orders the key's
+        waiters (an answer from ZooKeeper can come back after a later arrival
+        already joined the queue)."""
         compensated = self._compensated < self.max_held
-        held = Held(req, key, compensated)
+        held = Held(req, key, compensated, seq)
         if compensated:
             self._compensated += 1
             self.c.qos.increment_eventually()
-        self._by_key.setdefault(key.digest, deque()).append(held)
+        queue = self._by_key.setdefault(key.digest, deque())
+        i = len(queue)
+        while i and queue[i - 1].seq > seq:
+            i -= 1
+        queue.insert(i, held)
         self._count += 1
         held.entry = self.c.timer.call_after(
             delay, self.c.call_soon, (self._expired, held))

@@ -48,13 +48,14 @@ class Scenario:
         return env
 
     def worker(self, name: str = 'w1', *, concurrency: int = 4, pool: str = 'prefork',
-               hosts: Optional[str] = None, extra_args=(), env=None, wait=True):
+               hosts: Optional[str] = None, extra_args=(), env=None, wait=True,
+               loglevel: str = 'INFO'):
         args = list(extra_args)
         if hosts is not False:
             args += ['--mutex-hosts', hosts or self.zk_hosts]
         w = self.worker_factory(
             APP, hostname=f'{name}-{self.queue}@%h', concurrency=concurrency,
-            pool=pool, extra_args=args, env=self.env(**(env or {})))
+            pool=pool, extra_args=args, env=self.env(**(env or {})), loglevel=loglevel)
         if wait:
             w.wait_ready()
         self.workers.append(w)

@@ -20,7 +20,7 @@ def mutex_info(s, worker):
 
 def test_freed_key_is_handed_over_without_waiting_for_the_delay(scenario):
     s = scenario
-    s.worker('w1', concurrency=4)
+    w = s.worker('w1', concurrency=4, loglevel='DEBUG')
     # patient: mutex_requeue_delay=30, so only the watch can explain a fast handover.
     handles = [s.send('patient', 'p', 0.5, 0)]
     wait_for(lambda: s.records.count('start') == 1, message='holder')
@@ -31,7 +31,9 @@ def test_freed_key_is_handed_over_without_waiting_for_the_delay(scenario):
     assert overlaps(runs) == []
     assert max(gaps) < 1.0, gaps
     # waiters on one worker run in arrival order
-    assert [r.extra['seq'] for r in runs] == [0, 1, 2, 3, 4]
+    order = [r.extra['seq'] for r in runs]
+    assert order == [0, 1, 2, 3, 4], '\n'.join(
+        x for x in w.log_text().splitlines() if 'mutex' in x or 'received' in x)
 
 
 def test_skip_stores_failure_with_mutex_contended_and_logs(scenario):
