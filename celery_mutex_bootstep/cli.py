@@ -6,6 +6,7 @@ from typing import Any
 import click
 from celery.bin.base import CeleryOption
 
+from .failclosed import guard_tasks
 from .step import MutexStep
 
 __all__ = ('install', 'worker_options')
@@ -32,6 +33,15 @@ def worker_options() -> list:
             help=('What running holders do when the ZooKeeper session is lost: '
                   '"kill" (default: SIGKILL, the task runs again elsewhere) or '
                   '"continue" (they finish, without exclusivity).')),
+        CeleryOption(
+            ['--mutex-auth'], default=None, help_group=_GROUP,
+            help=('ZooKeeper digest credentials "user:password"; every node the '
+                  'step creates is then readable and deletable by that user only '
+                  '(default: app config mutex_auth). Never logged.')),
+        CeleryOption(
+            ['--without-mutex'], is_flag=True, default=False, help_group=_GROUP,
+            help=('Do not start MutexStep: guarded tasks then refuse to run here '
+                  'and go back to the broker.')),
     ]
 
 
@@ -41,9 +51,18 @@ def install(app: Any) -> Any:
     Idempotent: calling it twice adds nothing twice. Returns ``app``.
     """
     app.steps['consumer'].add(MutexStep)
+    if not getattr(app, '_mutex_guard_connected', False):
+        app._mutex_guard_connected = True
+        app.on_after_finalize.connect(_guard_after_finalize, weak=False)
+        if app.finalized:
+            guard_tasks(app)
     options = app.user_options['worker']
     present = {opt for param in options for opt in getattr(param, 'opts', ())}
     for param in worker_options():
         if not present.intersection(param.opts):
             options.add(param)
     return app
+
+
+def _guard_after_finalize(sender: Any = None, **kwargs: Any) -> None:
+    guard_tasks(sender)

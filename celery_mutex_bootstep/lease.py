@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import ConnectionLoss, NodeExistsError, NoNodeError
+from kazoo.exceptions import ConnectionLoss, NoAuthError, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
 from .session import SessionDeadline
@@ -133,6 +133,8 @@ class ZooKeeperLeases:
         # (path, session id) pairs whose create or delete reply was lost.
         self._orphans: Set[Tuple[str, int]] = set()
         self._session_id: Optional[int] = None
+        # Set when this session may not create or read leases (ACLs).
+        self.access_error: Optional[str] = None
         self._connected = False
         self._started = False
         # Releases queue here while a batch of deletes is in flight.
@@ -167,8 +169,8 @@ class ZooKeeperLeases:
 
     @property
     def connected(self) -> bool:
-        """Connected, and the session is certainly alive (within its deadline)."""
-        return self._connected and self.deadline.valid()
+        """Connected, allowed in the namespace, and certainly alive (deadline)."""
+        return self._connected and self.access_error is None and self.deadline.valid()
 
     @property
     def session_id(self) -> Optional[int]:
@@ -358,6 +360,7 @@ class ZooKeeperLeases:
             # The server accepted the session just now.
             self.deadline.acked(time.monotonic())
             self.client.handler.spawn(self._reap_orphans)
+            self._probe(session_id)
             name = 'connected'
         elif state == KazooState.SUSPENDED:
             with self._lock:
@@ -413,6 +416,60 @@ class ZooKeeperLeases:
             lease.lost = True
         self._held.clear()
         return lost
+
+    def _probe(self, session_id: Optional[int]) -> None:
+        """Check once per session that we may create and read in the namespace.
+
+        Digest credentials are accepted at connect whatever they are; only an
+        operation tells whether the namespace's ACL lets us in. The answer is
+        logged once, not once per task.
+        """
+        path = f'{self.namespace}/probe-{session_id or 0:x}'
+
+        def refused(what: str) -> None:
+            self.access_error = (
+                f'this worker may not {what} under {self.namespace} in ZooKeeper (the '
+                f'namespace ACL refuses its credentials: check mutex_auth / --mutex-auth)')
+            logger.error('mutex: %s; guarded tasks will not run and go back to the '
+                         'broker', self.access_error)
+
+        def listed(result: Any) -> None:
+            try:
+                result.get_nowait()
+            except NoAuthError:
+                return refused('list leases')
+            except Exception:
+                return
+            self.access_error = None
+            self.client.get_acls_async(self.namespace).rawlink(checked_acl)
+
+        def checked_acl(result: Any) -> None:
+            try:
+                acls, _ = result.get_nowait()
+            except Exception:
+                return
+            open_ = [a for a in acls if a.id.scheme == 'world' and a.perms & 8]
+            if open_:
+                logger.warning('mutex: the namespace %s lets anyone delete leases (ACL '
+                               'world:anyone); set mutex_auth so the step protects the '
+                               'nodes it creates', self.namespace)
+
+        def created(result: Any) -> None:
+            try:
+                result.get_nowait()
+            except NoAuthError:
+                return refused('create leases')
+            except NodeExistsError:
+                pass
+            except Exception:
+                return
+            self.client.delete_async(path)
+            self.client.get_children_async(self.namespace).rawlink(listed)
+
+        try:
+            self.client.create_async(path, b'', ephemeral=True, makepath=True).rawlink(created)
+        except Exception:
+            pass
 
     def _reap_orphans(self) -> None:
         """Delete nodes this session may own from replies lost in transit."""

@@ -34,6 +34,7 @@ from kazoo.hosts import collect_hosts
 
 from .exceptions import MutexConfigError, MutexKeyError
 from .keys import key_digest
+from .security import validate_auth, validate_tls
 
 __all__ = (
     'DEFAULT_HOSTS', 'DEFAULT_NAMESPACE', 'MutexSettings', 'MutexPolicy',
@@ -182,12 +183,16 @@ class MutexSettings:
     republish_after: int = DEFAULT_REPUBLISH_AFTER
     on_session_loss: str = 'kill'
     session_margin: Optional[float] = None
+    auth: Optional[str] = field(default=None, repr=False)
+    tls: Optional[dict] = None
+    require_lease: bool = True
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
                  hosts: Optional[str] = None,
                  session_timeout: Any = None,
-                 on_session_loss: Optional[str] = None) -> 'MutexSettings':
+                 on_session_loss: Optional[str] = None,
+                 auth: Optional[str] = None) -> 'MutexSettings':
         if hosts is not None:
             hosts_source = '--mutex-hosts'
         elif conf.get('mutex_hosts') is not None:
@@ -236,6 +241,10 @@ class MutexSettings:
             on_session_loss=on_session_loss,
             session_margin=(None if margin is None else _number(
                 margin, 'app config mutex_session_margin', allow_equal=True)),
+            auth=(validate_auth(auth, '--mutex-auth') if auth is not None
+                  else validate_auth(conf.get('mutex_auth'), 'app config mutex_auth')),
+            tls=validate_tls(conf.get('mutex_tls'), 'app config mutex_tls'),
+            require_lease=bool(conf.get('mutex_require_lease', True)),
         )
 
 

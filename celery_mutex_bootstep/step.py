@@ -6,9 +6,11 @@ from typing import Any, Optional
 from celery import bootsteps
 
 from . import control  # noqa: F401  (registers the inspect command)
+from .failclosed import guard_tasks
 from .gate import MutexGate, MutexPolicies
 from .lease import ZooKeeperLeases
 from .options import MutexSettings
+from .security import client_options
 
 __all__ = ('MutexStep',)
 
@@ -28,17 +30,25 @@ class MutexStep(bootsteps.StartStopStep):
 
     def __init__(self, c: Any, mutex_hosts: Optional[str] = None,
                  mutex_session_timeout: Any = None,
-                 mutex_on_session_loss: Optional[str] = None, **kwargs: Any) -> None:
+                 mutex_on_session_loss: Optional[str] = None,
+                 mutex_auth: Optional[str] = None, without_mutex: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
+        # The tasks refuse to run without a lease, with the step or without it.
+        guard_tasks(c.app)
+        self.enabled = not without_mutex
+        if not self.enabled:
+            return
         self.settings = MutexSettings.from_app(
             c.app.conf, hosts=mutex_hosts, session_timeout=mutex_session_timeout,
-            on_session_loss=mutex_on_session_loss)
+            on_session_loss=mutex_on_session_loss, auth=mutex_auth)
         policies = MutexPolicies(c.app, self.settings)
         policies.validate_all()
         self.leases = ZooKeeperLeases(
             self.settings.hosts, self.settings.namespace,
             session_timeout=self.settings.session_timeout,
             session_margin=self.settings.session_margin,
+            client_options=client_options(self.settings.auth, self.settings.tls),
             # kazoo's or the heartbeat's thread: the gate takes it from there.
             on_state=lambda state: c.call_soon(self.gate.on_session, state),
             on_lost=lambda leases: self.gate.on_lost(leases))

@@ -13,7 +13,8 @@ def test_install_is_idempotent():
     assert install(app) is app
     install(app)
     assert MutexStep in app.steps['consumer']
-    assert flags(app) == ['--mutex-hosts', '--mutex-on-session-loss', '--mutex-session-timeout']
+    assert flags(app) == ['--mutex-auth', '--mutex-hosts', '--mutex-on-session-loss',
+                          '--mutex-session-timeout', '--without-mutex']
 
 
 def test_step_alone_adds_no_flags():
