@@ -21,7 +21,11 @@ setup(
         'kazoo>=2.9,<3',
         'click>=8.0',
     ],
+    entry_points={
+        'celery.commands': ['mutex = celery_mutex_bootstep.command:mutex'],
+    },
     extras_require={
+        'prometheus': ['prometheus-client>=0.16'],
         'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4'],
     },
     classifiers=[

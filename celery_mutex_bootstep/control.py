@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.worker.control import inspect_command
+from celery.worker.control import control_command, inspect_command
 
-__all__ = ('mutex_leases',)
+__all__ = ('mutex_leases', 'mutex_release')
 
 
 @inspect_command()
@@ -15,3 +15,17 @@ def mutex_leases(state: Any) -> dict:
     if gate is None:
         return {'error': 'MutexStep is not running in this worker'}
     return gate.info()
+
+
+@control_command(
+    args=[('key', str), ('task_id', str), ('task', str)],
+    signature='[key=KEY] [task_id=ID] [task=NAME]',
+)
+def mutex_release(state: Any, key: Any = None, task_id: Any = None, task: Any = None) -> dict:
+    """Free leases held here: kill their tasks first, then release (never under a running task)."""
+    gate = getattr(state.consumer, 'mutex_gate', None)
+    if gate is None:
+        return {'error': 'MutexStep is not running in this worker'}
+    if not (key or task_id or task):
+        return {'error': 'give key, task_id or task'}
+    return {'ok': gate.release_matching(key=key, task_id=task_id, task=task)}

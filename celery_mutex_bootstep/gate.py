@@ -43,6 +43,7 @@ from celery.worker import state as worker_state
 
 from .exceptions import MutexConfigError, MutexContended, MutexKeyError, MutexTimeout
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
+from .metrics import MutexMetrics
 from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
 from .payload import lease_data
 from .processes import process_alive
@@ -101,9 +102,7 @@ class MutexGate:
         self._inbox: deque = deque()
         self._arrivals = 0
         self._drain_scheduled = False
-        self.counters = dict.fromkeys(
-            ('acquired', 'contended', 'requeued', 'republished', 'skipped',
-             'unavailable', 'refused', 'released', 'overran', 'lost'), 0)
+        self.metrics = MutexMetrics()
 
     def install(self) -> None:
         """Put the gate in front of the consumer's ``on_task_request``."""
@@ -215,7 +214,7 @@ class MutexGate:
     # -- acquired ----------------------------------------------------------
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
-        self.counters['acquired'] += 1
+        self.metrics.inc('acquired')
         logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
                      key.describe(), lease.token)
         req._request_dict['mutex_lease'] = {
@@ -244,7 +243,8 @@ class MutexGate:
         # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
         self._granted.pop(lease, None)
         if self.leases.release(lease):
-            self.counters['released'] += 1
+            self.metrics.inc('released')
+            self.metrics.held_for(time.monotonic() - lease.acquired_monotonic)
             entry = self._timeouts.pop(lease, None)
             if entry is not None:
                 entry.cancel()
@@ -285,7 +285,7 @@ class MutexGate:
                            'pool cannot kill it, so its lease stays until it returns',
                            req.name, req.id, key.policy.timeout, key.describe())
             return
-        self.counters['overran'] += 1
+        self.metrics.inc('overran')
         logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s: killing '
                        'pool process %s (SIGKILL); the lease is released once it exited',
                        req.name, req.id, key.policy.timeout, key.describe(), pid)
@@ -314,11 +314,11 @@ class MutexGate:
               exc: Optional[BaseException] = None, seq: int = 0) -> None:
         worker_state.task_ready(req)
         if outcome == LeaseOutcome.CONTENDED:
-            self.counters['contended'] += 1
+            self.metrics.inc('contended')
             req.send_event('task-mutex-contended', key=key.digest, mutex=key.describe())
             logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
         else:
-            self.counters['unavailable'] += 1
+            self.metrics.inc('unavailable')
             self._log_unavailable(req, exc)
         self.room.hold(req, key, key.policy.requeue_delay, seq)
         if outcome == LeaseOutcome.CONTENDED:
@@ -356,7 +356,7 @@ class MutexGate:
         if limit and isinstance(count, int) and count >= limit:
             if self._republish(req):
                 return
-        self.counters['requeued'] += 1
+        self.metrics.inc('requeued')
         req.send_event('task-mutex-requeued', key=held.key.digest)
         self._reject(req, requeue=True)
 
@@ -381,7 +381,7 @@ class MutexGate:
             logger.warning('mutex: could not republish %s[%s]: %r; requeueing it',
                            req.name, req.id, exc)
             return False
-        self.counters['republished'] += 1
+        self.metrics.inc('republished')
         if not req.acknowledged:
             req.acknowledged = True
             message.ack_log_error(logger, self.c.connection_errors)
@@ -418,7 +418,7 @@ class MutexGate:
 
     def _skip(self, req: Any, key: MutexKey) -> None:
         """``mutex_contended='skip'``: drop visibly, never silently."""
-        self.counters['skipped'] += 1
+        self.metrics.inc('skipped')
         worker_state.task_ready(req)
         exc = MutexContended(req.name, key.describe())
         logger.warning('mutex: %s[%s] skipped: %s is held (mutex_contended=skip)',
@@ -430,7 +430,7 @@ class MutexGate:
 
     def _refuse(self, req: Any, exc: Exception) -> None:
         """Fail a request whose key cannot be built; do not requeue it."""
-        self.counters['refused'] += 1
+        self.metrics.inc('refused')
         logger.error('mutex: %s[%s] refused: %s', req.name, req.id, exc)
         worker_state.task_ready(req)
         self._store_failure(req, exc)
@@ -463,7 +463,7 @@ class MutexGate:
             req = self._granted.pop(lease, None)
             if req is None or lease.released:
                 continue
-            self.counters['lost'] += 1
+            self.metrics.inc('lost')
             req.send_event('task-mutex-lost', key=lease.key)
             if req.time_start is None:
                 self._stop_holder(req, lease, 'its lease was lost before it started')
@@ -518,11 +518,35 @@ class MutexGate:
         self._watching.clear()
         for held in self.room.clear(restore_qos=False):
             if not reconnect:
-                self.counters['requeued'] += 1
+                self.metrics.inc('requeued')
                 try:
                     self._reject(held.req, requeue=True)
                 except Exception as exc:
                     logger.warning('mutex: could not hand back %s: %r', held.req.id, exc)
+
+    def release_matching(self, *, key: Optional[str] = None, task_id: Optional[str] = None,
+                         task: Optional[str] = None) -> list:
+        """Operator release: kill the matching holders (SIGKILL through the pool,
+        reported as revoked) so their leases are freed once they have exited;
+        holders not started yet are revoked before they run."""
+        done = []
+        for lease, req in list(self._granted.items()):
+            if not ((key and key in (lease.key, lease.path, lease.key.split('-')[0]))
+                    or (task_id and req.id == task_id)
+                    or (task and req.name == task)):
+                continue
+            if req.time_start is not None:
+                logger.warning('mutex: releasing %s on request: killing %s[%s]',
+                               lease.path, req.name, req.id)
+                req.terminate(self.c.pool, signal='SIGKILL')
+                action = 'killed'
+            else:
+                worker_state.revoked.add(req.id)
+                req.revoked()  # announces it revoked; the release follows
+                action = 'revoked'
+            done.append({'key': lease.key, 'path': lease.path, 'task_id': req.id,
+                         'task': req.name, 'action': action})
+        return done
 
     def info(self) -> Dict[str, Any]:
         return {
@@ -531,10 +555,12 @@ class MutexGate:
             'waiting': [{'task_id': h.req.id, 'task': h.req.name, 'key': h.key.digest,
                          'waited': round(time.monotonic() - h.since, 3)} for h in self.room],
             'leases': [
-                {'key': lease.key, 'token': lease.token, 'task_id': lease.owner,
+                {'key': lease.key, 'path': lease.path, 'token': lease.token,
+                 'task_id': lease.owner,
+                 'task': getattr(self._granted.get(lease), 'name', None),
                  'age': round(time.monotonic() - lease.acquired_monotonic, 3)}
                 for lease in self.leases.held()
             ],
-            'counters': dict(self.counters),
+            **self.metrics.snapshot(),
             'zookeeper_ops': dict(self.leases.stats),
         }

@@ -9,6 +9,7 @@ from . import control  # noqa: F401  (registers the inspect command)
 from .failclosed import guard_tasks
 from .gate import MutexGate, MutexPolicies
 from .lease import ZooKeeperLeases
+from .metrics import start_prometheus
 from .options import MutexSettings
 from .security import client_options
 
@@ -59,6 +60,9 @@ class MutexStep(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         self.leases.start()
+        port = c.app.conf.get('mutex_prometheus_port')
+        if port and not getattr(self, '_prometheus', False):
+            self._prometheus = start_prometheus(self.gate.metrics, int(port), c.hostname)
 
     def stop(self, c: Any) -> None:
         self.gate.stop()
