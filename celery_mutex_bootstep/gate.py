@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import deque
 from typing import Any, Dict, Optional
@@ -56,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 _EXIT_POLL = 0.02
 _REVOKE_POLL = 0.1
+_SWEEP_EVERY = 0.25
+_DROPPED_GRACE = 2.0
 _UNAVAILABLE_LOG_EVERY = 10.0
 
 
@@ -96,8 +97,9 @@ class MutexGate:
         self._generation = 0
         self._watching: set = set()
         self._revoke_timer: Any = None
-        self._timeouts: Dict[Lease, Any] = {}
-        self._granted: Dict[Lease, Any] = {}
+        self._granted: Dict[Lease, Any] = {}   # lease -> request
+        self._policy_of: Dict[Lease, MutexPolicy] = {}
+        self._sweep_timer: Any = None
         self._last_unavailable_log = 0.0
         self._inbox: deque = deque()
         self._arrivals = 0
@@ -223,31 +225,30 @@ class MutexGate:
             'timeout': key.policy.timeout,
         }
         self._granted[lease] = req
+        self._policy_of[lease] = key.policy
         watch_request_end(
             req,
             ended=lambda: self._release(lease),
             killed=lambda: self._release_after_exit(req, lease),
-            started=lambda: self._started(req, lease, key),
+            started=lambda: self._started(req, lease),
         )
+        if self._sweep_timer is None:
+            self._sweep_overruns()
         self._next(req)
 
-    def _started(self, req: Any, lease: Lease, key: MutexKey) -> None:
+    def _started(self, req: Any, lease: Lease) -> None:
         # The pool's thread. A lease lost before the pool started the task
         # (the session ended while it sat in the pool's queue): stop it now.
         if lease.lost:
             self._post(self._stop_holder, req, lease, 'its lease was lost before it started')
-        else:
-            self._post(self._arm_timeout, req, lease, key)
 
     def _release(self, lease: Lease) -> None:
         # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
         self._granted.pop(lease, None)
+        self._policy_of.pop(lease, None)
         if self.leases.release(lease):
             self.metrics.inc('released')
             self.metrics.held_for(time.monotonic() - lease.acquired_monotonic)
-            entry = self._timeouts.pop(lease, None)
-            if entry is not None:
-                entry.cancel()
 
     def _release_after_exit(self, req: Any, lease: Lease) -> None:
         pid = getattr(req, 'worker_pid', None)
@@ -267,30 +268,38 @@ class MutexGate:
         self.c.timer.call_after(_EXIT_POLL, self.c.call_soon,
                                 (self._wait_exit, lease, pid, since))
 
-    def _arm_timeout(self, req: Any, lease: Lease, key: MutexKey) -> None:
-        if lease.released:
+    def _sweep_overruns(self) -> None:
+        """Every quarter second while leases are held: kill holders past their
+        ``mutex_timeout`` (one timer for all, not one per task)."""
+        self._sweep_timer = None
+        if not self._granted:
             return
-        deadline = (req.time_start or time.time()) + key.policy.timeout
-        self._timeouts[lease] = self.c.timer.call_after(
-            max(0.0, deadline - time.time()), self.c.call_soon,
-            (self._overran, req, lease, key))
+        now = time.time()
+        for lease, req in list(self._granted.items()):
+            policy = self._policy_of.get(lease)
+            started = req.time_start
+            if (policy is not None and started and not lease.released
+                    and now - started > policy.timeout
+                    and not req.__dict__.get('_mutex_overran')):
+                req._mutex_overran = True
+                self._overran(req, lease, policy)
+        self._sweep_timer = self.c.timer.call_after(
+            _SWEEP_EVERY, self.c.call_soon, (self._sweep_overruns,))
 
-    def _overran(self, req: Any, lease: Lease, key: MutexKey) -> None:
-        self._timeouts.pop(lease, None)
-        if lease.released:
-            return
+    def _overran(self, req: Any, lease: Lease, policy: MutexPolicy) -> None:
         pid = getattr(req, 'worker_pid', None)
+        what = f'{policy.name} lease {lease.key[:12]}'
         if not pid or pid == os.getpid():
             logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s; this '
                            'pool cannot kill it, so its lease stays until it returns',
-                           req.name, req.id, key.policy.timeout, key.describe())
+                           req.name, req.id, policy.timeout, what)
             return
         self.metrics.inc('overran')
         logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s: killing '
                        'pool process %s (SIGKILL); the lease is released once it exited',
-                       req.name, req.id, key.policy.timeout, key.describe(), pid)
+                       req.name, req.id, policy.timeout, what, pid)
         if req.acknowledged:  # the message is gone: say why in the result
-            self._store_failure(req, MutexTimeout(req.name, key.policy.timeout))
+            self._store_failure(req, MutexTimeout(req.name, policy.timeout))
         else:  # acks_late: the message goes back to the broker
             self._reject(req, requeue=True)
         self._kill(req, lease)
@@ -460,6 +469,7 @@ class MutexGate:
 
     def _session_lost(self, leases: list) -> None:
         for lease in leases:
+            self._policy_of.pop(lease, None)
             req = self._granted.pop(lease, None)
             if req is None or lease.released:
                 continue
@@ -498,6 +508,20 @@ class MutexGate:
         elif killable:
             self._kill(req, lease)
 
+    def start(self) -> None:
+        """The consumer (re)started: resume watching running holders."""
+        if self._granted and self._sweep_timer is None:
+            self._sweep_overruns()
+
+    def _release_dropped(self, dropped: list) -> None:
+        for lease, req in dropped:
+            if req.time_start is None and not lease.released:
+                logger.info('mutex: releasing %s: %s[%s] was dropped by the broker '
+                            'reconnect and will be redelivered', lease.path, req.name, req.id)
+                req._already_revoked = True  # should it still reach the pool: refused
+                worker_state.task_ready(req)
+                self._release(lease)
+
     def on_session(self, state: str) -> None:
         """The ZooKeeper session changed state (consumer thread)."""
         if state != 'connected':
@@ -515,6 +539,18 @@ class MutexGate:
         from celery.bootsteps import RUN
         reconnect = self.c.blueprint.state == RUN
         self._generation += 1
+        for timer in (self._sweep_timer, self._revoke_timer):
+            if timer is not None:
+                timer.cancel()
+        self._sweep_timer = self._revoke_timer = None
+        if reconnect and _pool_drops_queued(self.c.pool):
+            # prefork drops requests it had not started yet, without a word:
+            # their messages come back from the broker, their leases must go.
+            dropped = [(lease, req) for lease, req in list(self._granted.items())
+                       if req.time_start is None]
+            if dropped:
+                self.c.timer.call_after(_DROPPED_GRACE, self.c.call_soon,
+                                        (self._release_dropped, dropped))
         self._watching.clear()
         for held in self.room.clear(restore_qos=False):
             if not reconnect:
@@ -564,3 +600,8 @@ class MutexGate:
             **self.metrics.snapshot(),
             'zookeeper_ops': dict(self.leases.stats),
         }
+
+
+def _pool_drops_queued(pool: Any) -> bool:
+    """prefork flushes requests it has not started on a broker reconnect."""
+    return type(pool).__module__.endswith('.prefork')

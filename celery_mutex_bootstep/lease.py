@@ -53,6 +53,9 @@ if kazoo_logger.level == logging.NOTSET:
     kazoo_logger.setLevel(logging.ERROR)
 
 
+_MAX_BATCH = 100
+
+
 class LeaseOutcome:
     ACQUIRED = 'acquired'
     CONTENDED = 'contended'
@@ -113,7 +116,8 @@ class ZooKeeperLeases:
                  on_state: Optional[Callable[[str], None]] = None,
                  on_lost: Optional[Callable[[List[Lease]], None]] = None,
                  client: Optional[KazooClient] = None,
-                 client_options: Optional[Dict[str, Any]] = None) -> None:
+                 client_options: Optional[Dict[str, Any]] = None,
+                 schedule: Optional[Callable[[Callable[[], None]], Any]] = None) -> None:
         self.hosts = hosts
         self.namespace = namespace.rstrip('/')
         self.session_timeout = session_timeout
@@ -140,7 +144,15 @@ class ZooKeeperLeases:
         # Releases queue here while a batch of deletes is in flight.
         self._to_delete: List[Lease] = []
         self._deleting = False
-        self.stats = {'creates': 0, 'deletes': 0, 'delete_batches': 0, 'watches': 0}
+        self.stats = {'creates': 0, 'create_batches': 0, 'deletes': 0, 'delete_batches': 0,
+                      'watches': 0}
+        # Acquisitions asked for in one turn of the caller's loop go out as
+        # one multi: ``schedule(fn)`` runs fn once the turn is over.
+        self._schedule = schedule
+        self._to_create: List[tuple] = []
+        # This session's clock node: a multi of creates ends with a setData on
+        # it, whose answer (mzxid) is the creation zxid of the whole batch.
+        self._clock: Optional[Tuple[str, int]] = None
         self.disconnected_since: Optional[float] = time.monotonic()
         self.client.add_listener(self._on_kazoo_state)
         self.deadline = SessionDeadline(self.client, '/', session_timeout,
@@ -200,7 +212,67 @@ class ZooKeeperLeases:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
+        clock = self._clock
+        if (self._schedule is not None and len(keys) == 1 and clock is not None
+                and clock[1] == session_id):
+            self._to_create.append((list(keys), data, callback, owner, session_id))
+            if len(self._to_create) == 1:
+                self._schedule(self._send_creates)
+            return
         self._try_create(list(keys), 0, data, callback, owner, session_id)
+
+    def _send_creates(self) -> None:
+        """Send the acquisitions gathered in this turn (caller's thread)."""
+        batch, self._to_create = self._to_create[:_MAX_BATCH], self._to_create[_MAX_BATCH:]
+        if self._to_create:
+            self._schedule(self._send_creates)
+        paths = [self.path_for(item[0][0]) for item in batch]
+        clock = self._clock
+        if (len(batch) == 1 or len(set(paths)) != len(paths) or clock is None
+                or any(item[4] != clock[1] for item in batch)):
+            for item in batch:
+                self._try_create(item[0], 0, *item[1:])
+            return
+        try:
+            tx = self.client.transaction()
+            for path, item in zip(paths, batch):
+                tx.create(path, item[1], ephemeral=True)
+            tx.set_data(clock[0], b'')
+            async_result = tx.commit_async()
+        except Exception:
+            for item in batch:
+                self._try_create(item[0], 0, *item[1:])
+            return
+        self.stats['creates'] += len(batch)
+        self.stats['create_batches'] += 1
+        sent_at = time.monotonic()
+
+        def created(result: Any) -> None:
+            try:
+                answers = result.get_nowait()
+            except ConnectionLoss as exc:
+                with self._lock:
+                    self._orphans.update((p, item[4]) for p, item in zip(paths, batch)
+                                         if item[4] is not None)
+                for item in batch:
+                    item[2](LeaseOutcome.UNAVAILABLE, None, exc)
+                return
+            except Exception:
+                answers = None
+            if (not isinstance(answers, list) or len(answers) != len(batch) + 1
+                    or any(isinstance(a, Exception) for a in answers)):
+                # One key was held (or the clock gone): the multi did nothing,
+                # it is atomic; ask key by key.
+                for item in batch:
+                    self._try_create(item[0], 0, *item[1:])
+                return
+            self.deadline.acked(sent_at)
+            stat = answers[-1]  # every node of the batch was created at its mzxid
+            for item, full in zip(batch, paths):
+                self._granted(full, item[0][0], stat.ephemeralOwner, stat.mzxid,
+                              item[2], item[3])
+
+        async_result.rawlink(created)
 
     def _try_create(self, keys: List[str], i: int, data: bytes, callback: Callback,
                     owner: Any, session_id: Optional[int]) -> None:
@@ -231,19 +303,23 @@ class ZooKeeperLeases:
                 return callback(LeaseOutcome.UNAVAILABLE, None, exc)
             except Exception as exc:
                 return callback(LeaseOutcome.UNAVAILABLE, None, exc)
-            lease = Lease(path, key, stat.ephemeralOwner, stat.czxid, owner)
-            with self._lock:
-                self._held[path] = lease
-                # The session may have been given up or expired between the
-                # server's reply and here; then the lease is not ours to use.
-                if self._session_id != lease.session_id or not self.connected:
-                    lease.lost = True
-                    del self._held[path]
-            if lease.lost:
-                return callback(LeaseOutcome.UNAVAILABLE, lease, None)
-            callback(LeaseOutcome.ACQUIRED, lease, None)
+            self._granted(path, key, stat.ephemeralOwner, stat.czxid, callback, owner)
 
         async_result.rawlink(created)
+
+    def _granted(self, path: str, key: str, session_id: int, token: int,
+                 callback: Callback, owner: Any) -> None:
+        lease = Lease(path, key, session_id, token, owner)
+        with self._lock:
+            self._held[path] = lease
+            # The session may have been given up or expired between the
+            # server's reply and here; then the lease is not ours to use.
+            if self._session_id != lease.session_id or not self.connected:
+                lease.lost = True
+                del self._held[path]
+        if lease.lost:
+            return callback(LeaseOutcome.UNAVAILABLE, lease, None)
+        callback(LeaseOutcome.ACQUIRED, lease, None)
 
     def watch(self, keys: Sequence[str], callback: Callable[[], None]) -> None:
         """Call ``callback()`` (kazoo's thread) once one of ``keys`` may be free.
@@ -424,7 +500,7 @@ class ZooKeeperLeases:
         operation tells whether the namespace's ACL lets us in. The answer is
         logged once, not once per task.
         """
-        path = f'{self.namespace}/probe-{session_id or 0:x}'
+        path = f'{self.namespace}/.clock-{session_id or 0:x}'
 
         def refused(what: str) -> None:
             self.access_error = (
@@ -463,7 +539,8 @@ class ZooKeeperLeases:
                 pass
             except Exception:
                 return
-            self.client.delete_async(path)
+            if session_id is not None:
+                self._clock = (path, session_id)
             self.client.get_children_async(self.namespace).rawlink(listed)
 
         try:

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import time
+from functools import lru_cache
 from typing import Any, Optional
 
 from .keys import KEY_FORMAT
@@ -21,25 +22,28 @@ def _short(value: Any) -> Any:
     return text if len(text) <= _VALUE_CHARS else text[:_VALUE_CHARS] + '...'
 
 
+_dumps = json.JSONEncoder(separators=(',', ':')).encode
+
+
+@lru_cache(maxsize=1024)
+def _fixed_part(policy: Any, task: str, hostname: Optional[str], pid: int) -> str:
+    # What does not change between requests of one task, encoded once.
+    return _dumps({
+        'v': KEY_FORMAT, 'mutex': policy.name, 'task': task, 'host': _HOST,
+        'pid': pid, 'worker': hostname, 'timeout': policy.timeout,
+        'keys': list(policy.keys),
+    })[:-1]
+
+
 def lease_data(req: Any, key: MutexKey, *, hostname: Optional[str] = None,
                store_values: bool = True) -> bytes:
     """JSON naming the holder: host, pid, worker, task id, acquired-at, timeout."""
-    policy = key.policy
-    data = {
-        'v': KEY_FORMAT,
-        'mutex': policy.name,
-        'task': req.type,
-        'task_id': req.id,
-        'host': _HOST,
-        'pid': os.getpid(),
-        'worker': hostname,
-        'acquired_at': round(time.time(), 3),
-        'timeout': policy.timeout,
-        'keys': list(policy.keys),
-    }
-    if store_values:
-        data['values'] = [_short(v) for v in key.values]
-    return json.dumps(data, separators=(',', ':')).encode('utf-8')
+    text = (_fixed_part(key.policy, req.type, hostname, os.getpid())
+            + ',"task_id":' + _dumps(req.id)
+            + ',"acquired_at":' + repr(round(time.time(), 3)))
+    if store_values and key.values:
+        text += ',"values":' + _dumps([_short(v) for v in key.values])
+    return (text + '}').encode('utf-8')
 
 
 def parse_lease_data(raw: bytes) -> dict:

@@ -50,6 +50,8 @@ class MutexStep(bootsteps.StartStopStep):
             session_timeout=self.settings.session_timeout,
             session_margin=self.settings.session_margin,
             client_options=client_options(self.settings.auth, self.settings.tls),
+            # Acquisitions of one turn of the consumer's loop go out together.
+            schedule=c.call_soon,
             # kazoo's or the heartbeat's thread: the gate takes it from there.
             on_state=lambda state: c.call_soon(self.gate.on_session, state),
             on_lost=lambda leases: self.gate.on_lost(leases))
@@ -60,6 +62,7 @@ class MutexStep(bootsteps.StartStopStep):
 
     def start(self, c: Any) -> None:
         self.leases.start()
+        self.gate.start()
         port = c.app.conf.get('mutex_prometheus_port')
         if port and not getattr(self, '_prometheus', False):
             self._prometheus = start_prometheus(self.gate.metrics, int(port), c.hostname)

@@ -81,7 +81,8 @@ class Scenario:
     def lease_nodes(self) -> List[str]:
         if not self.zk.exists(self.namespace):
             return []
-        return self.zk.get_children(self.namespace)
+        # '.clock-<session>' nodes belong to live sessions, not to tasks
+        return [n for n in self.zk.get_children(self.namespace) if not n.startswith('.')]
 
     def close(self) -> None:
         if self._zk is not None:

@@ -132,6 +132,48 @@ def test_close_removes_every_lease_node(make_leases, observer, namespace):
     a = make_leases()
     for i in range(5):
         assert acquire(a, f'k{i}')[0] == LeaseOutcome.ACQUIRED
-    assert len(observer.get_children(namespace)) == 5
+    def leases_in_ns():
+        return [n for n in observer.get_children(namespace) if not n.startswith('.')]
+    assert len(leases_in_ns()) == 5
     a.close()
-    assert observer.get_children(namespace) == []
+    assert observer.get_children(namespace) == [], 'lease and clock nodes are gone'
+
+
+def test_batched_acquisitions_keep_tokens_and_fall_back_on_contention(zk, namespace, observer):
+    scheduled = []
+    leases = ZooKeeperLeases(zk.hosts, namespace, session_timeout=4, schedule=scheduled.append)
+    leases.start()
+    try:
+        assert wait_for(lambda: leases.connected and leases._clock is not None)
+        answers = []
+        done = threading.Event()
+
+        def cb(outcome, lease, exc):
+            answers.append((outcome, lease))
+            if len(answers) == 5:
+                done.set()
+        for i in range(5):
+            leases.acquire(f'b{i}', b'{}', cb)
+        assert len(scheduled) == 1, 'one flush for the whole turn'
+        scheduled.pop()()
+        assert done.wait(10)
+        assert leases.stats['create_batches'] == 1
+        tokens = []
+        for outcome, lease in answers:
+            assert outcome == LeaseOutcome.ACQUIRED, (answers, leases.stats)
+            _, stat = observer.get(lease.path)
+            assert stat.czxid == lease.token and stat.ephemeralOwner == leases.session_id
+            tokens.append(lease.token)
+        assert len(set(tokens)) == 1, 'one multi: one creation zxid'
+        # A batch with one held key fails as a whole and falls back key by key.
+        answers.clear()
+        done.clear()
+        for i in range(4, 9):
+            leases.acquire(f'b{i}', b'{}', cb)
+        scheduled.pop()()
+        assert done.wait(10)
+        outcomes = sorted(o for o, _ in answers)
+        assert outcomes.count(LeaseOutcome.CONTENDED) == 1
+        assert outcomes.count(LeaseOutcome.ACQUIRED) == 4
+    finally:
+        leases.close()

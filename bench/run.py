@@ -1,0 +1,1054 @@
+"""Benchmarks: the consumer gate (subject) against an in-pool lock (baseline).
+
+    python -m bench.run            # full run, ~3-5 minutes; writes bench/results.md
+    python -m bench.run --quick    # smoke test, under a minute; writes bench/results-quick.md
+    python -m bench.run --profile  # also py-spy the worker's main process (needs py-spy)
+
+Everything runs on this machine: a private ZooKeeper (integration.zkserver), the
+local RabbitMQ (broker) and Redis (execution records), and real prefork
+``celery worker`` processes running bench/benchapp.py. Every run uses its own
+queues, exchanges, znodes and Redis keys (tagged with a random run id) and
+removes them, its workers and its ZooKeeper at the end, also on error or
+Ctrl-C. See bench/README.md for the method.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from importlib import metadata
+
+import redis
+from celery import Celery
+from kazoo.client import KazooClient
+from kombu import Exchange, Queue
+
+from integration import brokers, zkserver
+from integration.workers import start_worker
+
+APP = 'bench.benchapp'
+RECORD_URL = 'redis://127.0.0.1:6379/2'
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLK_TCK = os.sysconf('SC_CLK_TCK')
+
+FULL = dict(
+    reps=5,                 # measured repetitions of each uncontended phase
+    noop_n=2000, noop_warmup=200,
+    sleep_n=500, sleep_d=0.01, sleep_warmup=50,
+    keys=4, per_key=20, dur=0.1, contended_reps=3,
+    hold=5.0, waiters=3,
+)
+QUICK = dict(
+    reps=1,
+    noop_n=300, noop_warmup=50,
+    sleep_n=100, sleep_d=0.01, sleep_warmup=20,
+    keys=2, per_key=6, dur=0.1, contended_reps=1,
+    hold=2.0, waiters=3,
+)
+
+
+def log(msg):
+    print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- /proc
+
+def _stat_fields(pid):
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b')') + 2:].split()
+
+
+def proc_cpu(pid, with_children=False):
+    """utime+stime (plus cutime+cstime) of *pid* in seconds; 0.0 if it is gone."""
+    f = _stat_fields(pid)
+    if f is None:
+        return 0.0
+    ticks = int(f[11]) + int(f[12])
+    if with_children:
+        ticks += int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def thread_cpu(pid, tid):
+    """utime+stime of one thread of *pid* in seconds; 0.0 if it is gone."""
+    try:
+        with open('/proc/%d/task/%d/stat' % (pid, tid), 'rb') as f:
+            data = f.read()
+    except OSError:
+        return 0.0
+    fields = data[data.rfind(b')') + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_cpu():
+    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
+    with open('/proc/stat', encoding='ascii') as f:
+        parts = f.readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def pids_named(*names):
+    """Pids whose /proc/<pid>/comm is one of *names* (e.g. the broker's)."""
+    out = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open('/proc/%s/comm' % entry, encoding='utf-8') as f:
+                    if f.read().strip() in names:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def tree_cpu(worker):
+    """CPU seconds of a worker's whole process group: main + pool children.
+
+    Children already reaped by the main process are in its cutime/cstime.
+    """
+    total = 0.0
+    for pid in worker.group_pids():
+        total += proc_cpu(pid, with_children=(pid == worker.pid))
+    return total
+
+
+# --------------------------------------------------------------------------- stats helpers
+
+def median(xs):
+    return statistics.median(xs) if xs else float('nan')
+
+
+def pct(xs, q):
+    """Nearest-rank percentile."""
+    if not xs:
+        return float('nan')
+    s = sorted(xs)
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))]
+
+
+def fmt(x, digits=2):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return 'n/a'
+    if isinstance(x, int):
+        return str(x)
+    return '%.*f' % (digits, x)
+
+
+def fmt_range(values, digits=2):
+    """'median (min-max)' when there are several values."""
+    if not values:
+        return 'n/a'
+    m = fmt(median(values), digits)
+    if len(values) > 1:
+        return '%s (%s-%s)' % (m, fmt(min(values), digits), fmt(max(values), digits))
+    return m
+
+
+# --------------------------------------------------------------------------- the bench
+
+class BenchError(RuntimeError):
+    pass
+
+
+class Bench:
+    def __init__(self, params, quick):
+        self.p = params
+        self.quick = quick
+        self.run_id = uuid.uuid4().hex[:8]
+        self.prefix = 'bench-%s' % self.run_id
+        self.namespace = '/%s' % self.prefix
+        self.inpool_namespace = '/%s-inpool' % self.prefix
+        self.records = 'bench:%s' % self.run_id
+        self.control_exchange = 'bench-%s-ctl' % self.run_id
+        self.idle_queue = '%s-idle' % self.prefix
+        self.log_dir = tempfile.mkdtemp(prefix='celery-mutex-bench-')
+        self.queues = [self.idle_queue]
+        self.workers = []
+        self.zk = None
+        self.kz = None
+        self.client = None
+        self.redis = None
+        self.broker = None
+        self.versions = {}
+        self.notes = []
+        self.rabbit_pids = []
+        self.redis_pids = []
+
+    # -- setup / cleanup ----------------------------------------------------
+
+    def setup(self):
+        log('run %s: starting ZooKeeper, checking RabbitMQ and Redis' % self.run_id)
+        self.broker = brokers.ensure_rabbitmq()
+        brokers.ensure_redis()
+        self.zk = zkserver.standalone()
+        self.redis = redis.Redis.from_url(RECORD_URL)
+        self.client = Celery('bench-client', broker=self.broker, set_as_current=False)
+        self.client.conf.control_exchange = self.control_exchange
+        self.client.conf.broker_connection_retry_on_startup = True
+        self.kz = KazooClient(hosts=self.zk.hosts)
+        self.kz.start(timeout=15)
+        self.kz.ensure_path(self.namespace)
+        self.kz.ensure_path(self.inpool_namespace)
+        self._collect_versions()
+        self.rabbit_pids = pids_named('beam.smp')
+        self.redis_pids = pids_named('redis-server')
+
+    def cleanup(self, keep_logs=False):
+        for w in self.workers:
+            try:
+                w.terminate()
+            except Exception:
+                pass
+        for w in self.workers:
+            try:
+                w.stop(timeout=20)
+            except Exception as exc:
+                log('could not stop worker %s: %r' % (w.hostname, exc))
+        if self.client is not None:
+            try:
+                with self.client.connection_for_write() as conn:
+                    ch = conn.default_channel
+                    ops = [(op, q) for q in self.queues
+                           for op in ('queue_delete', 'exchange_delete')]
+                    # remote control's exchanges (kombu leaves them behind)
+                    ops += [('exchange_delete', '%s.pidbox' % self.control_exchange),
+                            ('exchange_delete', 'reply.%s.pidbox' % self.control_exchange)]
+                    for op, name in ops:
+                        try:
+                            getattr(ch, op)(name)
+                        except Exception:
+                            ch = conn.channel()  # a failed op closes the channel
+            except Exception as exc:
+                log('could not delete the queues: %r' % (exc,))
+        if self.redis is not None:
+            try:
+                keys = list(self.redis.scan_iter(match=self.records + ':*', count=1000))
+                if keys:
+                    self.redis.delete(*keys)
+            except Exception as exc:
+                log('could not delete the Redis records: %r' % (exc,))
+        if self.kz is not None:
+            try:
+                self.kz.stop()
+                self.kz.close()
+            except Exception:
+                pass
+        if self.zk is not None:
+            self.zk.close()
+        if keep_logs:
+            log('worker logs kept in %s' % self.log_dir)
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _collect_versions(self):
+        v = self.versions
+        v['python'] = platform.python_version()
+        for dist in ('celery', 'kombu', 'billiard', 'kazoo', 'redis'):
+            try:
+                v[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                v[dist] = '?'
+        srvr = self.zk.four_letter('srvr')
+        line = next((l for l in srvr.splitlines() if l.startswith('Zookeeper version:')), '')
+        v['zookeeper'] = line.split(':', 1)[-1].strip().split('-')[0].split(',')[0] or '?'
+        try:
+            with self.client.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=3)
+                props = conn.connection.server_properties or {}
+                ver = props.get('version', '?')
+                v['rabbitmq'] = ver.decode() if isinstance(ver, bytes) else str(ver)
+        except Exception:
+            v['rabbitmq'] = '?'
+        try:
+            v['redis-server'] = self.redis.info('server').get('redis_version', '?')
+        except Exception:
+            v['redis-server'] = '?'
+
+    # -- workers -------------------------------------------------------------
+
+    def env(self, **extra):
+        env = {
+            'BENCH_BROKER': self.broker,
+            'BENCH_QUEUE': self.idle_queue,
+            'BENCH_NAMESPACE': self.namespace,
+            'BENCH_INPOOL_NAMESPACE': self.inpool_namespace,
+            'BENCH_ZK_HOSTS': self.zk.hosts,
+            'BENCH_RECORDS': self.records,
+            'BENCH_RECORD_URL': RECORD_URL,
+            'BENCH_CONTROL_EXCHANGE': self.control_exchange,
+        }
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def start_workers(self, names, concurrency, **env):
+        """Start workers (in parallel) on the idle queue; wait until each answers
+        bench_stats with its ZooKeeper session connected."""
+        started = []
+        for name in names:
+            w = start_worker(
+                APP, hostname='%s-%s@%%h' % (name, self.run_id), concurrency=concurrency,
+                extra_args=['--mutex-hosts', self.zk.hosts, '-Q', self.idle_queue],
+                env=self.env(**env), loglevel='WARNING', log_dir=self.log_dir)
+            w.node = '%s-%s@%s' % (name, self.run_id, socket.gethostname())
+            self.workers.append(w)
+            started.append(w)
+        for w in started:
+            deadline = time.monotonic() + 90
+            while True:
+                if not w.is_running():
+                    raise BenchError('worker %s exited (rc=%s):\n%s' % (
+                        w.node, w.returncode, w.log_tail(40)))
+                st = self.stats(w)
+                if st and st.get('connected'):
+                    break
+                if st and 'error' in st:
+                    raise BenchError('worker %s: bench_stats failed: %s' % (w.node, st['error']))
+                if time.monotonic() > deadline:
+                    raise BenchError('worker %s not ready (stats %r):\n%s' % (
+                        w.node, st, w.log_tail(40)))
+                time.sleep(0.2)
+        return started
+
+    def stats(self, worker, tries=1):
+        for _ in range(tries):
+            replies = self.client.control.broadcast(
+                'bench_stats', destination=[worker.node], reply=True, timeout=1.0) or []
+            for item in replies:
+                if worker.node in item:
+                    return item[worker.node]
+        return None
+
+    def must_stats(self, worker):
+        st = self.stats(worker, tries=5)
+        if st is None:
+            raise BenchError('worker %s does not answer bench_stats' % worker.node)
+        return st
+
+    # -- queues, publishing, records -------------------------------------------
+
+    def new_queue(self, tag):
+        name = '%s-%s' % (self.prefix, tag)
+        if name in self.queues:
+            name = '%s-%d' % (name, len(self.queues))
+        with self.client.connection_for_write() as conn:
+            Queue(name, Exchange(name, 'direct'), routing_key=name)(conn.default_channel).declare()
+        self.queues.append(name)
+        return name
+
+    def publish(self, queue, task, arglist, kwargs=None):
+        with self.client.producer_or_acquire() as producer:
+            for args in arglist:
+                self.client.send_task('bench.' + task, args=args, kwargs=kwargs,
+                                      queue=queue, producer=producer)
+
+    def consume(self, queue, workers, on=True):
+        nodes = [w.node for w in workers]
+        ctl = self.client.control
+        fun = ctl.add_consumer if on else ctl.cancel_consumer
+        for _ in range(5):
+            replies = fun(queue, destination=nodes, reply=True, timeout=3.0) or []
+            answered = {n for r in replies for n in r}
+            if answered >= set(nodes):
+                return
+            nodes = [n for n in nodes if n not in answered]
+        raise BenchError('%s_consumer %s: no reply from %s' % (
+            'add' if on else 'cancel', queue, nodes))
+
+    def runs(self, queue):
+        return [json.loads(x) for x in self.redis.lrange('%s:%s' % (self.records, queue), 0, -1)]
+
+    def count(self, queue, suffix=''):
+        key = '%s:%s%s' % (self.records, queue, suffix)
+        if suffix == ':entries':
+            return int(self.redis.get(key) or 0)
+        return self.redis.llen(key)
+
+    def wait_runs(self, queue, n, workers, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.count(queue) >= n:
+                return self.runs(queue)
+            for w in workers:
+                if not w.is_running():
+                    raise BenchError('worker %s died:\n%s' % (w.node, w.log_tail(40)))
+            if time.monotonic() > deadline:
+                raise BenchError('%s: %d of %d executions after %.0f s' % (
+                    queue, self.count(queue), n, timeout))
+            time.sleep(0.02)
+
+    # -- ZooKeeper counters -------------------------------------------------------
+
+    def zk_snapshot(self):
+        m = self.zk.mntr()
+        return {
+            'recv': m.get('zk_packets_received'),
+            'sent': m.get('zk_packets_sent'),
+            'writes': m.get('zk_cnt_updatelatency'),
+            'write_ms': m.get('zk_sum_updatelatency'),
+            'reads': m.get('zk_cnt_readlatency'),
+            'cversion': self.kz.exists(self.namespace).cversion,
+            'inpool_cversion': self.kz.exists(self.inpool_namespace).cversion,
+            'cpu': proc_cpu(self.zk.pid),
+        }
+
+    def zk_settle(self, timeout=5.0):
+        """Wait until the namespaces' cversions stop moving (releases are async)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            cur = (self.kz.exists(self.namespace).cversion,
+                   self.kz.exists(self.inpool_namespace).cversion)
+            if cur == last:
+                return
+            last = cur
+            time.sleep(0.15)
+
+    @staticmethod
+    def zk_delta(a, b):
+        return {k: (b[k] - a[k]) if (a[k] is not None and b[k] is not None) else None
+                for k in a}
+
+    # -- row 1: uncontended drain ------------------------------------------------
+
+    def drain_phase(self, worker, task, n, tag, duration=None):
+        q = self.new_queue(tag)
+        args = [(('%s-%d' % (tag, i)),) if duration is None else ('%s-%d' % (tag, i), duration)
+                for i in range(n)]
+        self.publish(q, task, args)
+        st0 = self.must_stats(worker)
+        zk0 = self.zk_snapshot()
+        cpu0, main0, wall0 = tree_cpu(worker), proc_cpu(worker.pid), time.monotonic()
+        mt0 = thread_cpu(worker.pid, worker.pid)
+        mach0, svc0 = machine_cpu(), self.services_cpu()
+        self.consume(q, [worker])
+        runs = self.wait_runs(q, n, [worker], timeout=60 + n * 0.05)
+        wall1 = time.monotonic()
+        cpu1, main1 = tree_cpu(worker), proc_cpu(worker.pid)
+        mt1 = thread_cpu(worker.pid, worker.pid)
+        mach1, svc1 = machine_cpu(), self.services_cpu()
+        self.zk_settle()
+        zk1 = self.zk_snapshot()
+        self.consume(q, [worker], on=False)
+        st1 = self.must_stats(worker)
+        drain = max(r['e'] for r in runs) - min(r['s'] for r in runs)
+        gate = {k: st1['gate'][k] - st0['gate'].get(k, 0) for k in st1['gate']}
+        if task in ('noop', 'sleep_guarded') and (
+                gate.get('acquired') != n or gate.get('contended') or gate.get('unavailable')):
+            self.notes.append('%s: gate counters %r for %d unique keys' % (tag, gate, n))
+        return {
+            'drain': drain, 'n': n, 'tree_cpu': cpu1 - cpu0, 'main_cpu': main1 - main0,
+            'main_thread_cpu': mt1 - mt0,
+            'window': wall1 - wall0, 'zk': self.zk_delta(zk0, zk1), 'gate': gate,
+            'executions': len(runs), 'machine_cpu': mach1 - mach0,
+            'services_cpu': {k: svc1[k] - svc0[k] for k in svc0},
+        }
+
+    def services_cpu(self):
+        """CPU seconds so far of the shared broker and record store (all their pids)."""
+        return {'rabbitmq': sum(proc_cpu(pid) for pid in self.rabbit_pids),
+                'redis': sum(proc_cpu(pid) for pid in self.redis_pids)}
+
+    def row_uncontended(self):
+        p = self.p
+        log('row 1: uncontended drain, 1 worker -c 2')
+        (w,) = self.start_workers(['u1'], concurrency=2)
+        self.u_worker = w
+        variants = [('noop_plain', 'plain'), ('noop', 'gate'), ('sleep_inpool', 'inpool')]
+        sleepers = [('sleep_plain', 'plain'), ('sleep_guarded', 'gate'),
+                    ('sleep_inpool', 'inpool')]
+        # warm-up (discarded): pool children imported, the in-pool children opened
+        # their kazoo sessions, the gate's session is connected
+        for task, label in variants:
+            self.drain_phase(w, task, p['noop_warmup'], 'warm-noop-%s' % label,
+                             duration=0 if task == 'sleep_inpool' else None)
+        for task, label in sleepers:
+            self.drain_phase(w, task, p['sleep_warmup'], 'warm-sleep-%s' % label,
+                             duration=p['sleep_d'])
+        out = {'noop': {l: [] for _, l in variants}, 'sleep': {l: [] for _, l in sleepers}}
+        for rep in range(p['reps']):
+            # rotate the order so that no variant always runs first
+            order = variants[rep % 3:] + variants[:rep % 3]
+            for task, label in order:
+                r = self.drain_phase(w, task, p['noop_n'], 'noop-%s-r%d' % (label, rep),
+                                     duration=0 if task == 'sleep_inpool' else None)
+                out['noop'][label].append(r)
+                log('  noop  %-6s rep %d: %.2f s for %d tasks' % (label, rep, r['drain'], r['n']))
+            order = sleepers[rep % 3:] + sleepers[:rep % 3]
+            for task, label in order:
+                r = self.drain_phase(w, task, p['sleep_n'], 'sleep-%s-r%d' % (label, rep),
+                                     duration=p['sleep_d'])
+                out['sleep'][label].append(r)
+                log('  sleep %-6s rep %d: %.2f s for %d tasks' % (label, rep, r['drain'], r['n']))
+        return out
+
+    # -- row 2: contended keys ----------------------------------------------------
+
+    def contended_phase(self, workers, task, tag):
+        p = self.p
+        k, t, d = p['keys'], p['per_key'], p['dur']
+        q = self.new_queue(tag)
+        args = [('%s-k%d' % (tag, key), d) for _ in range(t) for key in range(k)]
+        self.publish(q, task, args)
+        st0 = [self.must_stats(w) for w in workers]
+        cpu0 = [tree_cpu(w) for w in workers]
+        zk0 = self.zk_snapshot()
+        self.consume(q, workers)
+        runs = self.wait_runs(q, k * t, workers, timeout=120 + k * t * d * 5)
+        cpu1 = [tree_cpu(w) for w in workers]
+        self.zk_settle()
+        zk1 = self.zk_snapshot()
+        self.consume(q, workers, on=False)
+        st1 = [self.must_stats(w) for w in workers]
+        deliveries = sum(s['deliveries'].get(q, [0, 0])[0] for s in st1)
+        redelivered = sum(s['deliveries'].get(q, [0, 0])[1] for s in st1)
+        gate = {}
+        for a, b in zip(st0, st1):
+            for key, val in b['gate'].items():
+                gate[key] = gate.get(key, 0) + val - a['gate'].get(key, 0)
+        entries = self.count(q, ':entries')
+        rejects = self.count(q, ':rejects')
+        if deliveries - k * t != redelivered:
+            self.notes.append('%s: deliveries - published = %d but %d flagged redelivered' % (
+                tag, deliveries - k * t, redelivered))
+        by_key = {}
+        for r in runs:
+            by_key.setdefault(r['k'], []).append(r)
+        gaps, overlaps = [], 0
+        for rs in by_key.values():
+            rs.sort(key=lambda r: r['s'])
+            for a, b in zip(rs, rs[1:]):
+                gap = b['s'] - a['e']
+                gaps.append(gap)
+                overlaps += gap < 0
+        return {
+            'drain': max(r['e'] for r in runs) - min(r['s'] for r in runs),
+            'executions': len(runs), 'entries': entries, 'rejects': rejects,
+            'deliveries': deliveries, 'redelivered': redelivered, 'published': k * t,
+            'gaps': gaps, 'overlaps': overlaps, 'cpu': sum(cpu1) - sum(cpu0),
+            'zk': self.zk_delta(zk0, zk1), 'gate': gate,
+        }
+
+    def row_contended(self):
+        p = self.p
+        log('row 2: %d keys x %d tasks x %.2f s, 2 workers -c 4' % (
+            p['keys'], p['per_key'], p['dur']))
+        workers = self.start_workers(['c1', 'c2'], concurrency=4, BENCH_COUNT_ENTRIES=1)
+        warm = self.new_queue('warm-contended')
+        self.publish(warm, 'sleep_inpool', [('warm-%d' % i, 0.02) for i in range(40)])
+        self.consume(warm, workers)
+        self.wait_runs(warm, 40, workers, timeout=60)
+        self.consume(warm, workers, on=False)
+        variants = [('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate'),
+                    ('sleep_guarded_fast', 'gate_fast')]
+        out = {label: [] for _, label in variants}
+        for rep in range(p['contended_reps']):
+            order = variants[rep % 3:] + variants[:rep % 3]
+            for task, label in order:
+                r = self.contended_phase(workers, task, 'cont-%s-r%d' % (label, rep))
+                out[label].append(r)
+                log('  %-9s rep %d: drain %.2f s, entries %d, executions %d, '
+                    'deliveries %d (redelivered %d), gap median %.0f ms' % (
+                        label, rep, r['drain'], r['entries'], r['executions'],
+                        r['deliveries'], r['redelivered'], median(r['gaps']) * 1000))
+                if r['overlaps']:
+                    self.notes.append('%s rep %d: %d overlapping executions of one key!' % (
+                        label, rep, r['overlaps']))
+        return workers, out
+
+    # -- row 3: hot key -------------------------------------------------------------
+
+    def hot_phase(self, worker, task, waiters, tag):
+        p = self.p
+        q = self.new_queue(tag)
+        key = '%s-hot' % tag
+        self.publish(q, task, [(key, p['hold'])], kwargs={'mark': True})
+        self.consume(q, [worker])
+        deadline = time.monotonic() + 30
+        while self.count(q, ':marks') < 1:
+            if time.monotonic() > deadline:
+                raise BenchError('%s: the holder did not start' % tag)
+            time.sleep(0.01)
+        cpu0, zcpu0, t0 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
+        ent0 = self.count(q, ':entries')
+        st0 = self.must_stats(worker)
+        del0 = st0['deliveries'].get(q, [0, 0])[0]
+        self.publish(q, task, [(key, 0.01)] * waiters)
+        # the window ends when the holder's execution record appears
+        while not any(r['d'] == p['hold'] for r in self.runs(q)):
+            if time.monotonic() > deadline + p['hold']:
+                raise BenchError('%s: the holder did not end' % tag)
+            time.sleep(0.01)
+        cpu1, zcpu1, t1 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
+        st1 = self.must_stats(worker)
+        del1 = st1['deliveries'].get(q, [0, 0])[0]
+        runs = self.wait_runs(q, 1 + waiters, [worker], timeout=60)
+        self.consume(q, [worker], on=False)
+        ent1 = self.count(q, ':entries')
+        # Pool entries during the hold = all entries after it began minus those
+        # that began after the holder's end (the waiters' executions, racing
+        # rejects): exact, whatever the polling delay.
+        end = next(r['e'] for r in runs if r['d'] == p['hold'])
+        late = sum(1 for r in runs if r['s'] >= end)
+        late += sum(1 for x in self.redis.lrange('%s:%s:rejects' % (self.records, q), 0, -1)
+                    if json.loads(x)['t'] >= end)
+        gate = {k: v - st0['gate'].get(k, 0) for k, v in st1['gate'].items()}
+        return {
+            'cpu': cpu1 - cpu0, 'zk_cpu': zcpu1 - zcpu0, 'window': t1 - t0,
+            'entries': max(0, ent1 - ent0 - late), 'deliveries': del1 - del0,
+            'gate': gate,
+        }
+
+    def row_hot(self, worker):
+        p = self.p
+        log('row 3: hot key held %.1f s with %d waiters, 1 worker -c 4' % (
+            p['hold'], p['waiters']))
+        out = {}
+        out['idle'] = self.hot_phase(worker, 'sleep_guarded', 0, 'hot-idle')
+        for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate'),
+                            ('sleep_guarded_fast', 'gate_fast')):
+            out[label] = self.hot_phase(worker, task, p['waiters'], 'hot-%s' % label)
+            r = out[label]
+            log('  %-9s cpu %.2f s over %.1f s, pool entries %d, deliveries %d, gate %s' % (
+                label, r['cpu'], r['window'], r['entries'], r['deliveries'],
+                {k: v for k, v in r['gate'].items() if v}))
+        return out
+
+    # -- all ------------------------------------------------------------------------
+
+    # -- optional: where the worker's main process spends its CPU -----------------
+
+    def profile(self):
+        """py-spy (GIL-holding samples, all threads) of the row-1 worker's main
+        process over one more unguarded and one more guarded noop drain."""
+        spy = shutil.which('py-spy') or os.path.join(os.path.dirname(sys.executable), 'py-spy')
+        if not os.path.exists(spy):
+            self.notes.append('--profile: py-spy not found (pip install py-spy)')
+            return None
+        w, n = self.u_worker, self.p['noop_n']
+        out = {}
+        for task, label in (('noop_plain', 'unguarded'), ('noop', 'gate')):
+            log('profile: %d x %s under py-spy' % (n, task))
+            q = self.new_queue('prof-%s' % label)
+            self.publish(q, task, [('prof-%s-%d' % (label, i),) for i in range(n)])
+            raw = os.path.join(self.log_dir, 'py-spy-%s.txt' % label)
+            proc = subprocess.Popen(
+                [spy, 'record', '--pid', str(w.pid), '--rate', '250', '--format', 'raw',
+                 '--output', raw, '--threads', '--gil', '--nonblocking'],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(1.0)
+            main0, mt0 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
+            self.consume(q, [w])
+            runs = self.wait_runs(q, n, [w], timeout=60 + n * 0.1)
+            main1, mt1 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            self.consume(q, [w], on=False)
+            if not os.path.exists(raw):
+                self.notes.append('--profile: py-spy failed: %s' % err.decode(errors='replace')[-300:])
+                return None
+            out[label] = summarize_profile(raw)
+            out[label]['main_cpu_ms'] = (main1 - main0) / n * 1000
+            out[label]['main_thread_ms'] = (mt1 - mt0) / n * 1000
+            out[label]['drain'] = max(r['e'] for r in runs) - min(r['s'] for r in runs)
+        return out
+
+    def run(self, profile=False):
+        res = {}
+        res['uncontended'] = self.row_uncontended()
+        if profile:
+            res['profile'] = self.profile()
+        workers, res['contended'] = self.row_contended()
+        res['hot'] = self.row_hot(workers[0])
+        return res
+
+
+def summarize_profile(path):
+    """From py-spy raw output: GIL samples per thread; the main thread's samples
+    split by the first celery_mutex_bootstep function on the stack (the gate's
+    entry point; none = Celery/kombu's own work) and how many of those are
+    inside kazoo."""
+    import collections
+    import re
+    frame_re = re.compile(r'^(.*?) \((.*?):\d+\)$')
+    threads = collections.Counter()
+    entry = collections.Counter()
+    in_kazoo = 0
+    total = 0
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            stack, _, count = line.rstrip('\n').rpartition(' ')
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            frames = stack.split(';')
+            name = frames[0].split(': ', 1)[-1]
+            name = 'main' if name == 'MainThread' else (
+                'kazoo connection' if 'zk_loop' in name else
+                'kazoo callbacks' if '_thread_worker' in name else name)
+            threads[name] += n
+            total += n
+            if name != 'main':
+                continue
+            first = None
+            kz = False
+            for fr in frames[1:]:
+                m = frame_re.match(fr)
+                if not m:
+                    continue
+                if first is None and 'celery_mutex_bootstep/' in m.group(2):
+                    first = m.group(1)
+                elif first is not None and 'kazoo/' in m.group(2):
+                    kz = True
+            entry[first or '(no gate frame)'] += n
+            in_kazoo += n if kz else 0
+    return {'total': total, 'threads': threads, 'entry': entry, 'in_kazoo': in_kazoo}
+
+
+def profile_lines(prof):
+    if not prof:
+        return []
+    lines = ['Profile of the row-1 worker main process (py-spy --gil --threads --nonblocking: '
+             'samples of threads holding the GIL, shares of all such samples; approximate, '
+             'the exact per-thread CPU from /proc is in the table):']
+    for label, pr in prof.items():
+        tot = float(max(pr['total'], 1))
+        lines.append('- %s noop: drain %.2f s, main process CPU %.3f ms/task (consumer thread '
+                     '%.3f); threads: %s' % (
+            label, pr['drain'], pr['main_cpu_ms'], pr['main_thread_ms'], ', '.join(
+                '%s %.0f%%' % (t, 100 * c / tot) for t, c in pr['threads'].most_common())))
+        gate = {k: v for k, v in pr['entry'].items() if k != '(no gate frame)'}
+        if gate:
+            lines.append('  main thread in Celery/kombu %.0f%%, in the gate %.0f%% (%s); of '
+                         'which inside kazoo calls %.0f%%' % (
+                             100 * pr['entry'].get('(no gate frame)', 0) / tot,
+                             100 * sum(gate.values()) / tot,
+                             ', '.join('%s %.1f%%' % (k, 100 * v / tot) for k, v in
+                                       sorted(gate.items(), key=lambda kv: -kv[1])[:6]),
+                             100 * pr['in_kazoo'] / tot))
+    return lines
+
+
+# --------------------------------------------------------------------------- report
+
+def machine_info(versions):
+    model = '?'
+    mem = '?'
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    model = line.split(':', 1)[1].strip()
+                    break
+        with open('/proc/meminfo', encoding='utf-8') as f:
+            for line in f:
+                if line.startswith('MemTotal:'):
+                    mem = '%.0f GiB' % (int(line.split()[1]) / 1024 / 1024)
+                    break
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    v = versions
+    return [
+        'Machine: %s cores (%s usable), %s, %s RAM, Linux %s' % (
+            cores, usable, model, mem, platform.release()),
+        'Software: Python %s, Celery %s, kombu %s, billiard %s, kazoo %s, ZooKeeper %s, '
+        'RabbitMQ %s, Redis %s' % (
+            v['python'], v['celery'], v['kombu'], v['billiard'], v['kazoo'],
+            v['zookeeper'], v['rabbitmq'], v['redis-server']),
+    ]
+
+
+SECTION = object()
+
+
+def build_rows(res, p):
+    """Rows of the table: (row id, metric, unguarded, in-pool, gate, ratio), and
+    section headers (row id, SECTION, title)."""
+    rows = []
+    un = res['uncontended']
+
+    def drains(rs):
+        return [r['drain'] for r in rs]
+
+    def per_task(rs, fn):
+        return median([fn(r) / r['n'] for r in rs]) * 1000
+
+    # -- row 1
+    for kind, n, title in (('noop', p['noop_n'], 'noop'),
+                           ('sleep', p['sleep_n'], '%d ms' % round(p['sleep_d'] * 1000))):
+        d = un[kind]
+        row = '1' if kind == 'noop' else '1b'
+        plain, gate, inpool = drains(d['plain']), drains(d['gate']), drains(d['inpool'])
+        ratios = [a / b for a, b in zip(plain, gate)]
+        ratios_in = [a / b for a, b in zip(plain, inpool)]
+        rows.append((row, SECTION, 'Uncontended: %d x %s task, unique keys, 1 worker -c 2 '
+                     '(ratio = unguarded / guarded drain time; 1.0 = free)' % (n, title)))
+        rows.append((row, 'drain time, s', fmt_range(plain), fmt_range(inpool), fmt_range(gate),
+                     '%s (in-pool %s)' % (fmt_range(ratios), fmt(median(ratios_in)))))
+        if kind == 'sleep':
+            rows.append((row, 'physical limit n x D / c, s', '%.2f' % (n * p['sleep_d'] / 2),
+                         '', '', ''))
+        rows.append((row, 'throughput, tasks/s', fmt(n / median(plain), 0),
+                     fmt(n / median(inpool), 0), fmt(n / median(gate), 0), ''))
+        rows.append((row, 'added time per task, ms', '0',
+                     fmt((median(inpool) - median(plain)) / n * 1000, 3),
+                     fmt((median(gate) - median(plain)) / n * 1000, 3), ''))
+        main = {k: per_task(d[k], lambda r: r['main_cpu']) for k in d}
+        rows.append((row, 'worker main process CPU per task, ms', fmt(main['plain'], 3),
+                     fmt(main['inpool'], 3), fmt(main['gate'], 3),
+                     'gate / unguarded %s' % fmt(main['gate'] / main['plain'])))
+        split = {k: '%s + %s' % (
+            fmt(per_task(d[k], lambda r: r['main_thread_cpu']), 3),
+            fmt(max(0.0, per_task(d[k], lambda r: r['main_cpu'] - r['main_thread_cpu'])), 3))
+            for k in d}
+        rows.append((row, '  of which consumer (main) thread + other threads (kazoo), ms',
+                     split['plain'], split['inpool'], split['gate'], ''))
+        pool = {k: per_task(d[k], lambda r: r['tree_cpu'] - r['main_cpu']) for k in d}
+        rows.append((row, 'pool processes CPU per task, ms', fmt(pool['plain'], 3),
+                     fmt(pool['inpool'], 3), fmt(pool['gate'], 3), ''))
+        other = {k: '%s / %s / %s' % (
+            fmt(per_task(d[k], lambda r: r['zk']['cpu']), 3),
+            fmt(per_task(d[k], lambda r: r['services_cpu']['rabbitmq']), 3),
+            fmt(per_task(d[k], lambda r: r['services_cpu']['redis']), 3)) for k in d}
+        rows.append((row, 'ZooKeeper / RabbitMQ / Redis CPU per task, ms', other['plain'],
+                     other['inpool'], other['gate'], ''))
+        def measured(r):
+            return (r['tree_cpu'] + r['zk']['cpu'] + r['services_cpu']['rabbitmq'] +
+                    r['services_cpu']['redis'])
+        tot = {k: per_task(d[k], measured) for k in d}
+        rows.append((row, 'sum: worker + ZooKeeper + RabbitMQ + Redis CPU per task, ms',
+                     fmt(tot['plain'], 3), fmt(tot['inpool'], 3), fmt(tot['gate'], 3),
+                     'gate / unguarded %s' % fmt(tot['gate'] / tot['plain'])))
+
+        def busy(rs, key, cores=1):
+            return fmt(median([r[key] / r['window'] / cores for r in rs]) * 100, 0)
+        ncpu = os.cpu_count() or 1
+        rows.append((row, 'busy during the drain: worker main process / machine, %',
+                     '%s / %s' % (busy(d['plain'], 'main_cpu'), busy(d['plain'], 'machine_cpu', ncpu)),
+                     '%s / %s' % (busy(d['inpool'], 'main_cpu'), busy(d['inpool'], 'machine_cpu', ncpu)),
+                     '%s / %s' % (busy(d['gate'], 'main_cpu'), busy(d['gate'], 'machine_cpu', ncpu)),
+                     ''))
+
+    # -- row 2
+    c = res['contended']
+    k, t, dur = p['keys'], p['per_key'], p['dur']
+    limit = t * dur
+    base = c['inpool']
+
+    def med(rs, fn, digits=0):
+        return fmt(median([fn(r) for r in rs]), digits)
+    for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
+                         ('gate_fast', 'mutex_requeue_delay 0.1 s')):
+        s = c[label]
+        row = '2' if label == 'gate' else '2b'
+        bd, sd = median(drains(base)), median(drains(s))
+        rows.append((row, SECTION, 'Contended: %d keys x %d tasks x %.1f s, 2 workers -c 4; '
+                     'gate with %s%s' % (k, t, dur, title,
+                                         '' if label == 'gate' else '; same baseline runs')))
+        rows.append((row, 'drain time, s (x physical limit T x D = %.1f s)' % limit, '',
+                     '%s (%.2fx)' % (fmt(bd), bd / limit), '%s (%.2fx)' % (fmt(sd), sd / limit),
+                     'in-pool / gate %s' % fmt(bd / sd)))
+        rows.append((row, 'pool entries that did not execute (goal 0)', '',
+                     med(base, lambda r: r['entries'] - r['executions']),
+                     med(s, lambda r: r['entries'] - r['executions']), ''))
+        rows.append((row, 'broker redeliveries', '',
+                     med(base, lambda r: r['deliveries'] - r['published']),
+                     med(s, lambda r: r['deliveries'] - r['published']), ''))
+        bg = [g for r in base for g in r['gaps']]
+        sg = [g for r in s for g in r['gaps']]
+        rows.append((row, 'handover gap, same key, median / p99, ms', '',
+                     '%s / %s' % (fmt(median(bg) * 1000, 0), fmt(pct(bg, 99) * 1000, 0)),
+                     '%s / %s' % (fmt(median(sg) * 1000, 0), fmt(pct(sg, 99) * 1000, 0)), ''))
+        bc = median([r['cpu'] for r in base])
+        sc = median([r['cpu'] for r in s])
+        rows.append((row, 'CPU of both worker trees, s', '', fmt(bc), fmt(sc),
+                     'in-pool / gate %s' % fmt(bc / max(sc, 1.0 / CLK_TCK), 1)))
+
+    # -- row 3
+    h = res['hot']
+    for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
+                         ('gate_fast', 'mutex_requeue_delay 0.1 s')):
+        s, b, idle = h[label], h['inpool'], h['idle']
+        row = '3' if label == 'gate' else '3b'
+        rows.append((row, SECTION, 'Hot key: held %.0f s by a running task, %d more messages '
+                     'for it waiting, 1 worker -c 4; gate with %s (unguarded column: the '
+                     'holder alone, nothing waiting)' % (p['hold'], p['waiters'], title)))
+        rows.append((row, 'worker tree CPU over the hold, s', fmt(idle['cpu']), fmt(b['cpu']),
+                     fmt(s['cpu']),
+                     'in-pool / gate %s' % fmt(b['cpu'] / max(s['cpu'], 1.0 / CLK_TCK), 0)))
+        rows.append((row, 'pool entries / broker deliveries during the hold',
+                     '%d / %d' % (idle['entries'], idle['deliveries']),
+                     '%d / %d' % (b['entries'], b['deliveries']),
+                     '%d / %d' % (s['entries'], s['deliveries']), ''))
+        rows.append((row, 'ZooKeeper server CPU over the hold, s', fmt(idle['zk_cpu']),
+                     fmt(b['zk_cpu']), fmt(s['zk_cpu']), ''))
+
+    # -- row 4
+    n = p['noop_n']
+    d = un['noop']
+
+    def zk_per_task(rs, key):
+        vals = [r['zk'][key] for r in rs]
+        if any(v is None for v in vals):
+            return None
+        return sum(vals) / float(n * len(rs))
+    rows.append(('4', SECTION, 'ZooKeeper operations per task: uncontended %d x noop '
+                 '(row 1), server counters before/after' % n))
+    for key, title in (('cversion', 'creates + deletes (namespace cversion)'),
+                       ('writes', 'write requests (mntr zk_cnt_updatelatency)'),
+                       ('reads', 'read requests (mntr zk_cnt_readlatency)'),
+                       ('recv', 'packets received (mntr zk_packets_received)'),
+                       ('sent', 'packets sent (mntr zk_packets_sent)')):
+        ck = 'inpool_cversion' if key == 'cversion' else key
+        rows.append(('4', title, fmt(zk_per_task(d['plain'], key), 3),
+                     fmt(zk_per_task(d['inpool'], ck), 3), fmt(zk_per_task(d['gate'], key), 3),
+                     ''))
+
+    def write_latency(rs):
+        cnt = sum(r['zk']['writes'] or 0 for r in rs)
+        tot = sum(r['zk']['write_ms'] or 0 for r in rs)
+        return tot / cnt if cnt else None
+    rows.append(('4', 'server-side write latency, mean ms', fmt(write_latency(d['plain']), 2),
+                 fmt(write_latency(d['inpool']), 2), fmt(write_latency(d['gate']), 2), ''))
+    return rows
+
+
+HEADERS = ('row', 'metric', 'unguarded', 'in-pool lock (baseline)', 'consumer gate (subject)',
+           'ratio')
+
+
+def text_table(rows):
+    body = [r for r in rows if r[1] is not SECTION]
+    widths = [max(len(str(r[i])) for r in body + [HEADERS]) for i in range(len(HEADERS))]
+
+    def line(r):
+        return '  '.join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    out = [line(HEADERS), '  '.join('-' * w for w in widths)]
+    for r in rows:
+        if r[1] is SECTION:
+            out.append('%s  %s' % (r[0].ljust(widths[0]), r[2]))
+        else:
+            out.append(line(('',) + tuple(r[1:])))
+    return '\n'.join(out)
+
+
+def md_table(rows):
+    def cell(c):
+        return str(c).replace('|', '\\|') or ' '
+    out = ['| ' + ' | '.join(HEADERS) + ' |', '|' + '---|' * len(HEADERS)]
+    for r in rows:
+        if r[1] is SECTION:
+            out.append('| **%s** | **%s** |  |  |  |  |' % (r[0], cell(r[2])))
+        else:
+            out.append('| ' + ' | '.join(cell(c) for c in ('',) + tuple(r[1:])) + ' |')
+    return '\n'.join(out)
+
+
+def method_lines(p, quick):
+    return [
+        'Method (%s run; details in bench/README.md):' % ('quick' if quick else 'full'),
+        '- Real prefork `celery worker`s (prefetch multiplier 4, results ignored), the local '
+        'RabbitMQ as broker, a private standalone ZooKeeper on this machine; every execution '
+        'appends one record to Redis from the pool process. Columns: unguarded task, in-pool '
+        'lock (baseline: acks_late, kazoo client per pool process, ephemeral create in the '
+        'task, NodeExists -> Reject(requeue=True), delete in finally), consumer gate (subject).',
+        '- Rows 1/1b: all %d noop / %d x %d ms messages are published to a fresh queue, then '
+        'the same warm worker is told to consume it (add_consumer); drain time = last '
+        'execution end - first execution start, from the records. Median (min-max) of %d '
+        'rep(s), order of the variants rotated per rep. CPU from /proc per process; '
+        'machine busy is /proc/stat (all cores) and includes anything else running.' % (
+            p['noop_n'], p['sleep_n'], round(p['sleep_d'] * 1000), p['reps']),
+        '- Rows 2/2b: pool entries counted with task_prerun in the pool processes; '
+        'deliveries counted in the consumer on task_received (before the gate), '
+        'redeliveries = deliveries - published (checked against the redelivered flag); gap = '
+        'next start - previous end on the same key. Median of %d rep(s); gaps pooled.'
+        % p['contended_reps'],
+        '- Rows 3/3b: utime+stime of the worker\'s process group (main + pool + reaped '
+        'children) from the holder\'s start to its end record.',
+        '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
+        '(+1 per child create and per delete) over the measured row-1 noop phases, per task.',
+    ]
+
+
+def report(res, bench, elapsed, load0, load1):
+    p = bench.p
+    rows = build_rows(res, p)
+    head = machine_info(bench.versions) + [
+        'Load average before/after: %s / %s (other processes share these cores)' % (
+            ' '.join('%.2f' % x for x in load0), ' '.join('%.2f' % x for x in load1)),
+        'Run time: %.0f s' % elapsed,
+    ]
+    notes = ['Note: %s' % n for n in bench.notes]
+    prof = profile_lines(res.get('profile'))
+    text = '\n'.join(head + [''] + method_lines(p, bench.quick) + ['', text_table(rows)] +
+                     ([''] + notes if notes else []) + ([''] + prof if prof else []))
+    md = '\n'.join(
+        ['# celery-mutex-bootstep benchmark results%s' % (' (quick)' if bench.quick else ''),
+         '', 'Produced by `python -m bench.run%s`.' % (' --quick' if bench.quick else ''), ''] +
+        ['- ' + h for h in head] + [''] + method_lines(p, bench.quick) + ['', md_table(rows)] +
+        ([''] + ['- ' + n for n in notes] if notes else []) +
+        ([''] + prof if prof else []) + [''])
+    return text, md
+
+
+# --------------------------------------------------------------------------- main
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog='python -m bench.run', description=__doc__.split('\n')[0])
+    ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~2 min)')
+    ap.add_argument('--profile', action='store_true',
+                    help='also profile the worker main process with py-spy (row 1 noop)')
+    ap.add_argument('--out', default=None,
+                    help='Markdown output (default bench/results.md, or '
+                         'bench/results-quick.md with --quick)')
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    params = dict(QUICK if args.quick else FULL)
+    out = args.out or os.path.join(HERE, 'results-quick.md' if args.quick else 'results.md')
+    bench = Bench(params, args.quick)
+    t0 = time.monotonic()
+    load0 = os.getloadavg()
+    ok = False
+    try:
+        bench.setup()
+        res = bench.run(profile=args.profile)
+        ok = True
+    finally:
+        bench.cleanup(keep_logs=not ok)
+    elapsed = time.monotonic() - t0
+    text, md = report(res, bench, elapsed, load0, os.getloadavg())
+    print(text)
+    with open(out, 'w', encoding='utf-8') as f:
+        f.write(md)
+    log('done in %.0f s; Markdown written to %s' % (elapsed, os.path.relpath(out)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
