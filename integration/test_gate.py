@@ -161,3 +161,39 @@ def test_configuration_mistakes_stop_the_worker_at_start(scenario):
     flag = s.worker('flag', hosts='zk1:2181,zk2:notaport', wait=False)
     assert flag.wait(timeout=60) != 0
     assert "--mutex-hosts: bad port 'notaport' in 'zk2:notaport'" in flag.log_text()
+
+
+@pytest.mark.parametrize('pool', ['threads', 'solo'])
+def test_other_pools_hold_and_release_leases(scenario, pool):
+    s = scenario
+    s.worker('w1', concurrency=4 if pool == 'threads' else 1, pool=pool)
+    s.worker('w2', concurrency=4 if pool == 'threads' else 1, pool=pool)
+    handles = [s.send('work', f'p{i % 3}', 0.05, i) for i in range(24)]
+    handles += [s.send('ends', 'pf', 'fail'), s.send('ends', 'pr', 'retry')]
+    results(handles, timeout=90)
+    runs = [r for r in s.records.executions() if r.task.endswith('.work')]
+    assert len(runs) == 24 and overlaps(runs) == []
+    wait_for(lambda: s.lease_nodes() == [], timeout=10, message='every lease released')
+    assert s.send('ends', 'pf', 'ok').get(timeout=20) is None
+
+
+def test_eta_tasks_take_their_lease_only_when_due(scenario):
+    s = scenario
+    s.worker('w1', concurrency=2)
+    h = s.send('work', 'eta', 0.5, 1, countdown=2)
+    path = s.lease_path('work', 'eta')
+    time.sleep(1.0)
+    assert not s.zk.exists(path), 'no lease during the countdown'
+    assert s.records.count('start') == 0
+    assert h.get(timeout=20) == 1
+    runs = s.records.executions()
+    assert len(runs) == 1 and runs[0].token is not None
+
+
+def test_rate_limited_guarded_tasks(scenario):
+    s = scenario
+    s.worker('w1', concurrency=4)
+    handles = [s.send('limited_rate', 'rl', 0.2, i) for i in range(4)]
+    assert sorted(results(handles)) == [0, 1, 2, 3]
+    runs = s.records.executions()
+    assert len(runs) == 4 and overlaps(runs) == []

@@ -111,6 +111,14 @@ def ends(self, key, how, duration=0.0):
     record(self, 'end', key, how=how)
 
 
+@app.task(bind=True, mutex_keys=('key',), rate_limit='120/m')
+def limited_rate(self, key, duration=0.0, seq=None):
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
 @app.task(bind=True, mutex_keys=('key',), mutex_contended='skip')
 def skipper(self, key, duration=0.0):
     record(self, 'start', key)
@@ -174,3 +182,15 @@ if os.environ.get('TEST_BAD_OPTION') == 'mutex_keys':
     @app.task(mutex_keys=('missing',))
     def misconfigured(present):
         pass
+
+
+# --- fault tests (integration/test_faults.py, test_chaos.py) ---------------------------
+
+@app.task(bind=True, mutex_keys=('key',))
+def fenced(self, key, duration=0.0, seq=None):
+    """Like work, and records the ZooKeeper session its lease was granted in."""
+    session = (getattr(self.request, 'mutex_lease', None) or {}).get('session')
+    record(self, 'start', key, seq=seq, session=session)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq, session=session)
+    return seq
