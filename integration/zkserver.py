@@ -58,6 +58,9 @@ DEFAULT_CLASSPATH = (
     ZOOKEEPER_JAR,
     '/usr/share/java/slf4j-log4j12.jar',
     '/usr/share/java/log4j-1.2.jar',
+    # TLS (NettyServerCnxnFactory) also needs these two, missing from the manifest.
+    '/usr/share/java/netty-codec.jar',
+    '/usr/share/java/netty-resolver.jar',
 )
 MAIN_CLASS = 'org.apache.zookeeper.server.quorum.QuorumPeerMain'
 LOG_NAME = 'zookeeper.log'
