@@ -55,6 +55,7 @@ from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_FAILURE, EX_UNAVAILABLE, EX_USAGE
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.hosts import collect_hosts
 from kazoo.retry import KazooRetry
 
@@ -206,6 +207,9 @@ def zookeeper(target: Target, timeout: float, hosts: Optional[str] = None) -> It
             f'{timeout:g}s ({reason}): is it running, and are the hosts right?') from None
     try:
         yield client
+    except (KazooException, KazooTimeoutError) as exc:
+        raise _unavailable(f'ZooKeeper at {hosts} failed while the command ran: '
+                           f'{type(exc).__name__} {exc}'.rstrip()) from None
     finally:
         _close(client)
 
@@ -348,14 +352,18 @@ class Workers:
         return None
 
 
-def ask_workers(app: Any, timeout: float) -> Workers:
-    """Every worker's ``mutex_leases`` reply; a broker failure is reported, not raised."""
+def ask_workers(app: Any, timeout: float, destination: Optional[List[str]] = None,
+                workers: Optional[Workers] = None) -> Workers:
+    """The workers' ``mutex_leases`` replies (all, or ``destination``'s, added to
+    ``workers``); a broker failure is reported, not raised."""
+    workers = workers or Workers(timeout=timeout)
     try:
-        replies = app.control.broadcast('mutex_leases', reply=True, timeout=timeout) or []
+        # With a destination the broadcast returns as soon as all of it answered.
+        replies = app.control.broadcast('mutex_leases', reply=True, timeout=timeout,
+                                        destination=destination) or []
     except Exception as exc:  # broker down: ZooKeeper's view is still worth showing
-        return Workers(error=f'could not ask the workers through the broker: {exc}',
-                       timeout=timeout)
-    workers = Workers(timeout=timeout)
+        workers.error = f'could not ask the workers through the broker: {exc}'
+        return workers
     for reply in replies:
         for name, info in reply.items():
             if isinstance(info, dict) and 'error' not in info:
@@ -436,6 +444,13 @@ def snapshot(app: Any, client: KazooClient, target: Target, opts: Options) -> Sn
     now = time.time()
     for lease in leases:
         judge(lease, workers, now)
+    silent = sorted({lease.worker for lease in leases if lease.status == UNCLAIMED
+                     and workers.answered and lease.worker})
+    if silent:  # a second, targeted chance for the holders that did not answer in time
+        ask_workers(app, opts.timeout, destination=silent, workers=workers)
+        for lease in leases:
+            if lease.status == UNCLAIMED:
+                judge(lease, workers, now)
     unclaimed = [lease for lease in leases if not lease.claimed_by]
     if unclaimed:
         kept = {id(lease) for lease in still_there(client, unclaimed)}
@@ -483,7 +498,8 @@ def _key_values(lease: LeaseNode) -> str:
     pairs = lease.key_values()
     if not pairs:
         return '(whole task)' if 'keys' in lease.data else '?'
-    return _cut(', '.join(f'{k}={v}' for k, v in pairs), 40)
+    # values are None when the workers do not store them (mutex_store_values)
+    return _cut(', '.join(f'{k}={"?" if v is None else v}' for k, v in pairs), 40)
 
 
 def _short_key(lease: LeaseNode) -> str:

@@ -28,4 +28,7 @@ def mutex_release(state: Any, key: Any = None, task_id: Any = None, task: Any = 
         return {'error': 'MutexStep is not running in this worker'}
     if not (key or task_id or task):
         return {'error': 'give key, task_id or task'}
-    return {'ok': gate.release_matching(key=key, task_id=task_id, task=task)}
+    released = gate.release_matching(key=key, task_id=task_id, task=task)
+    if not released:
+        return {'ok': [], 'note': 'no lease held here matched'}
+    return {'ok': released}

@@ -592,7 +592,7 @@ class MutexGate:
                          'waited': round(time.monotonic() - h.since, 3)} for h in self.room],
             'leases': [
                 {'key': lease.key, 'path': lease.path, 'token': lease.token,
-                 'task_id': lease.owner,
+                 'session_id': lease.session_id, 'task_id': lease.owner,
                  'task': getattr(self._granted.get(lease), 'name', None),
                  'age': round(time.monotonic() - lease.acquired_monotonic, 3)}
                 for lease in self.leases.held()
