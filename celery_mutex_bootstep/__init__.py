@@ -7,9 +7,11 @@
     def charge(account, amount): ...
 """
 from .cli import install
-from .exceptions import MutexConfigError, MutexContended, MutexKeyError
+from .exceptions import MutexConfigError, MutexContended, MutexKeyError, MutexTimeout
+from .lease_info import mutex_lease
+from .migration import LockTask, MutexTask
 from .step import MutexStep
 
-__all__ = ('MutexStep', 'install', 'MutexConfigError', 'MutexContended',
-           'MutexKeyError')
+__all__ = ('MutexStep', 'install', 'MutexTask', 'LockTask', 'mutex_lease',
+           'MutexConfigError', 'MutexContended', 'MutexKeyError', 'MutexTimeout')
 __version__ = '0.1.0'

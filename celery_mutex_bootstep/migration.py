@@ -40,8 +40,9 @@ whether the lock was acquired. The lock is named by the task name and the
 refinements (JSON values; hashed, so slashes and unicode are safe). With
 ``retry=True`` a lock not acquired calls ``self.retry(**retry_kwargs)``.
 ``blocking=True`` waits for it instead (``retry`` is then forced off), for
-at most ``timeout`` seconds if ``timeout`` is among the keyword arguments,
-and yields False when that time runs out. ``semaphore(*refinements,
+at most ``timeout`` seconds if ``timeout`` is among the keyword arguments
+(it is never passed on to ``retry``), and yields False when that time runs
+out. ``semaphore(*refinements,
 max_leases=N, ...)`` is the same with N holders at once (the first caller
 fixes N for a name; a different N raises ``ValueError`` until the
 semaphore's node is removed).
@@ -55,11 +56,12 @@ exits. Hosts, session timeout and credentials come from the worker's
 leases they are taken in the pool: a contended task has already used its
 pool slot. When ZooKeeper is unreachable a non-blocking acquire yields False
 (with a WARNING) after at most about two session timeouts; so does any
-acquire when no session can be opened within one session timeout. A contender node left by a failed acquire or release (a reply
-lost with the connection) is deleted once the session reconnects, so it
-cannot block the lock for the session's lifetime (kazoo #732). If the
-session expires while a lock is held the lock is gone (an ERROR is logged);
-the task body is not interrupted.
+acquire when no session can be opened within one session timeout. A
+contender node a failed acquire or release may have left (its reply lost
+with the connection, or ZooKeeper unreachable at release) is deleted once
+the session reconnects, so it cannot block the lock for the rest of the
+session (kazoo #732). If the session expires while a lock is held the lock
+is gone (an ERROR is logged); the task body is not interrupted.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from celery import Task, signals
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, LockTimeout, NoNodeError
+from kazoo.exceptions import ConnectionLoss, KazooException, LockTimeout, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.recipe.lock import Lock, Semaphore
 from kazoo.retry import KazooRetry
@@ -93,7 +95,7 @@ _HOST = socket.gethostname()
 _VALUE_CHARS = 200
 # A semaphore's guard lock is held for a few round trips by whoever takes or
 # checks a lease; a non-blocking acquire waits this long for it at most.
-_GUARD_WAIT = 5.0
+_GUARD_WAIT = 2.0
 
 
 # =========================================================================== MutexTask
@@ -130,6 +132,14 @@ class ZooKeeperUnavailable(KazooException):
     """An acquire gave up: ZooKeeper did not answer in time."""
 
 
+def _require_connection(client: KazooClient) -> None:
+    """kazoo queues a request made while disconnected until it reconnects, so a
+    synchronous call would wait for the end of the outage: fail it now instead
+    (kazoo's retry treats ConnectionLoss as retryable)."""
+    if not client.connected:
+        raise ConnectionLoss('not connected to ZooKeeper')
+
+
 class _Orphans:
     """Contender nodes a failed acquire or release may have left: (parent, prefix)."""
 
@@ -158,6 +168,12 @@ class _Orphans:
             return len(self._items)
 
 
+def _owed(path: str, exc: BaseException) -> None:
+    logger.warning('mutex: could not release %s (%r): it is released when the '
+                   'ZooKeeper session reconnects, or vanishes if the session expires',
+                   path, exc)
+
+
 class _Lock(Lock):
     """kazoo's Lock that remembers a contender node it could not delete."""
 
@@ -181,11 +197,15 @@ class _Lock(Lock):
                 and time.monotonic() > self._give_up_at):
             raise ZooKeeperUnavailable(f'gave up acquiring {self.path}: no answer from '
                                        f'ZooKeeper')
+        _require_connection(self.client)
         return super()._inner_acquire(blocking, timeout, ephemeral)
 
     def _best_effort_cleanup(self) -> None:
         try:
-            node = self.node or (self._find_node() if self.create_tried else None)
+            if self.node is None and not self.create_tried:
+                return
+            _require_connection(self.client)
+            node = self.node or self._find_node()
             if node:
                 self._delete_node(node)
         except NoNodeError:
@@ -197,10 +217,13 @@ class _Lock(Lock):
 
     def release(self) -> bool:
         try:
+            if self.is_acquired:
+                _require_connection(self.client)
             return super().release()
-        except KazooException:
+        except KazooException as exc:
             self._orphans.add(self.path, self.prefix)
             self.is_acquired = False
+            _owed(self.path, exc)
             return False
 
 
@@ -221,6 +244,7 @@ class _Semaphore(Semaphore):
         self._guard_wait = guard_wait
 
     def _inner_acquire(self, blocking: bool, timeout: Optional[float] = None) -> bool:
+        _require_connection(self.client)
         self._session_expired = False
         self.client.add_listener(self._watch_session)
         if not self.assured_path:
@@ -258,6 +282,7 @@ class _Semaphore(Semaphore):
 
     def _best_effort_cleanup(self) -> None:
         try:
+            _require_connection(self.client)
             self.client.delete(self.create_path)
         except NoNodeError:
             pass
@@ -267,11 +292,14 @@ class _Semaphore(Semaphore):
 
     def release(self) -> bool:
         try:
+            if self.is_acquired:
+                _require_connection(self.client)
             return super().release()
-        except KazooException:
+        except KazooException as exc:
             parent, _, name = self.create_path.rpartition('/')
             self._orphans.add(parent, name)
             self.is_acquired = False
+            _owed(self.path, exc)
             return False
 
     def forget(self) -> None:
@@ -289,7 +317,6 @@ class LockSession:
         self._start_lock = threading.Lock()
         self._held_lock = threading.Lock()
         self._held = 0
-        self._lost_while_held = False
         self.client: Optional[KazooClient] = None
 
     def _new_client(self) -> KazooClient:
@@ -380,7 +407,7 @@ class LockSession:
                         except NoNodeError:
                             pass
                         logger.info('mutex: deleted %s/%s, left by a lock acquire or '
-                                    'release whose reply was lost', parent, child)
+                                    'release that could not reach ZooKeeper', parent, child)
             except NoNodeError:
                 pass
             except KazooException:
@@ -463,7 +490,8 @@ def _remember_worker_flags(sender: Any = None, instance: Any = None,
         if options.get(name) is not None}
 
 
-@signals.worker_process_shutdown.connect(weak=False)
+@signals.worker_process_shutdown.connect(weak=False)  # a prefork pool process
+@signals.worker_shutdown.connect(weak=False)  # the worker (solo and threads pools)
 def _close_on_process_exit(**kwargs: Any) -> None:
     close_lock_sessions()
 

@@ -1,0 +1,157 @@
+"""The step's task events reach a real event receiver (worker started with -E).
+
+``task-mutex-contended`` and ``task-mutex-requeued`` (a waiter whose requeue
+delay passes while the key is still held), ``task-mutex-skipped``
+(``mutex_contended='skip'``) and ``task-mutex-lost`` (the worker's ZooKeeper
+session given up while a holder runs), each carrying the task's uuid and the
+key. A receiver on the broker captures every event by type in a thread.
+"""
+import collections
+import re
+import threading
+import time
+
+import pytest
+
+from .scenario import wait_for
+from .test_migration import MigrationScenario
+
+SESSION_TIMEOUT = 4  # seconds; the private ZooKeeper ticks every 500 ms
+
+
+class EventCapture:
+    """``app.events.Receiver`` in a thread: every event, by type."""
+
+    def __init__(self, app):
+        self.app = app
+        self.events = collections.defaultdict(list)
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._receiver = None
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name='event-capture', daemon=True)
+
+    def start(self, timeout=15):
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise AssertionError(f'the event receiver did not start: {self._error!r}')
+        return self
+
+    def _run(self):
+        ready = self._ready
+        base = self.app.events.Receiver
+
+        class Receiver(base):
+            def on_consume_ready(self, *args, **kwargs):
+                super().on_consume_ready(*args, **kwargs)
+                ready.set()  # the queue is bound: no event is missed from here on
+
+        try:
+            with self.app.connection_for_read() as conn:
+                self._receiver = Receiver(conn, handlers={'*': self._on_event})
+                self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception as exc:  # reported by start() or the assertions
+            self._error = exc
+
+    def _on_event(self, event):
+        with self._lock:
+            self.events[event['type']].append(dict(event))
+
+    def of(self, type_, uuid=None):
+        with self._lock:
+            return [e for e in self.events[type_] if uuid is None or e.get('uuid') == uuid]
+
+    def wait(self, type_, uuid, timeout=20):
+        return wait_for(lambda: self.of(type_, uuid), timeout=timeout,
+                        message=f'{type_} event of {uuid} (seen: {self.summary()})')
+
+    def summary(self):
+        with self._lock:
+            return {t: len(v) for t, v in self.events.items() if t.startswith('task-')}
+
+    def stop(self):
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(5)
+
+
+@pytest.fixture
+def escenario(request, worker_factory, zk, rabbitmq_url, redis_url):
+    def factory(app, **kwargs):
+        return worker_factory(app, wait=False, **kwargs)
+    s = MigrationScenario(factory, zk.hosts, rabbitmq_url, 'events')
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def capture(escenario):
+    c = EventCapture(escenario.client).start()
+    yield c
+    c.stop()
+
+
+def digest_of(s, task, *values):
+    return s.lease_path(task, *values).rsplit('/', 1)[1]
+
+
+def test_contended_requeued_and_skipped_events(escenario, capture, zk):
+    s = escenario
+    w = s.worker('w1', concurrency=4, extra_args=['-E'])
+    holder = s.send('work', 'ev', 1.5, 0)
+    skip_holder = s.send('skipper', 'sk', 1.5)
+    capture.wait('task-started', holder.id)
+    capture.wait('task-started', skip_holder.id)
+    waiter = s.send('work', 'ev', 0, 1)   # requeue delay 0.2 s: requeued while held
+    skipped = s.send('skipper', 'sk', 0)
+
+    key = digest_of(s, 'work', 'ev')
+    contended = capture.wait('task-mutex-contended', waiter.id)[0]
+    assert contended['key'] == key and "key='ev'" in contended['mutex']
+    requeued = capture.wait('task-mutex-requeued', waiter.id)[0]
+    assert requeued['key'] == key
+    assert requeued['timestamp'] >= contended['timestamp']
+
+    skip = capture.wait('task-mutex-skipped', skipped.id)[0]
+    assert skip['key'] == digest_of(s, 'skipper', 'sk') and "key='sk'" in skip['mutex']
+    with pytest.raises(Exception) as info:
+        skipped.get(timeout=20)
+    assert type(info.value).__name__ == 'MutexContended'
+
+    assert waiter.get(timeout=20) == 1 and holder.get(timeout=20) == 0
+    skip_holder.get(timeout=20)
+    # the holders were never contended; the skipped call was never requeued
+    assert capture.of('task-mutex-contended', holder.id) == []
+    assert capture.of('task-mutex-requeued', skipped.id) == []
+    # the pool processes' LockTask sessions follow --mutex-hosts (no ZOOKEEPER_HOSTS here)
+    info = s.send('lock_session_of_process', 'flag').get(timeout=20)
+    assert info['hosts'] == zk.hosts and info['acquired'] is True
+    assert w.is_running()
+
+
+def test_lost_event_when_the_session_is_given_up(escenario, capture, zk_factory):
+    s = escenario
+    node = zk_factory()
+    s.zk_hosts = node.hosts
+    w = s.worker('w1', concurrency=2, hosts=node.hosts, extra_args=[
+        '-E', '--mutex-session-timeout', str(SESSION_TIMEOUT)])
+    holder = s.send('work', 'lost', 20.0, 0)
+    capture.wait('task-started', holder.id)
+    key = digest_of(s, 'work', 'lost')
+    assert s.zk.exists(f'{s.namespace}/{key}')
+    s.zk.stop()
+    t0 = time.monotonic()
+    node.stop()
+    try:
+        lost = capture.wait('task-mutex-lost', holder.id, timeout=2 * SESSION_TIMEOUT)[0]
+        took = time.monotonic() - t0
+    finally:
+        node.start()
+        node.wait_ready()
+    assert lost['key'] == key
+    assert took < 2 * SESSION_TIMEOUT
+    # The holder was stopped (mutex_on_session_loss=kill) and its message handed
+    # back; do not let its 20 s run again hold up the teardown.
+    s.client.control.revoke(holder.id)
+    w.wait_for_log(re.escape(holder.id) + r'.*ZooKeeper session.*killing it', timeout=5,
+                   what='the holder killed for its lost lease')
