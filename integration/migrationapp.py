@@ -8,21 +8,18 @@ integration/records.py reads). Configured by environment variables like
 integration/testapp.py; ``TEST_ZOOKEEPER_HOSTS`` and ``TEST_MUTEX_TIMEOUT`` set
 the older libraries' ``ZOOKEEPER_HOSTS`` and ``MUTEX_TIMEOUT``.
 """
-import json
 import os
-import socket
 import time
 
-import redis
 from celery import Celery
 
 from celery_mutex_bootstep import install
+from integration.recording import record as _record
 from celery_mutex_bootstep.migration import LockTask, MutexTask, lock_session
 
 BROKER = os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
 BACKEND = os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1')
 RECORDS = os.environ.get('TEST_RECORDS', 'mutex-migration:records')
-RECORD_URL = os.environ.get('TEST_RECORD_URL', 'redis://127.0.0.1:6379/2')
 
 app = Celery('migrationapp', broker=BROKER, backend=BACKEND)
 app.conf.update(
@@ -40,23 +37,8 @@ if os.environ.get('TEST_MUTEX_TIMEOUT'):
     app.conf.MUTEX_TIMEOUT = int(os.environ['TEST_MUTEX_TIMEOUT'])
 install(app)
 
-_redis = None
-
-
-def _r():
-    global _redis
-    if _redis is None:
-        _redis = redis.Redis.from_url(RECORD_URL)
-    return _redis
-
-
 def record(task, phase, key, **extra):
-    lease = getattr(task.request, 'mutex_lease', None) or {}
-    _r().rpush(RECORDS, json.dumps(dict(
-        phase=phase, task=task.name, id=task.request.id, key=key,
-        t=time.time(), pid=os.getpid(), worker=task.request.hostname,
-        host=socket.gethostname(), token=lease.get('token'),
-        retries=task.request.retries, **extra)))
+    _record(RECORDS, task, phase, key, **extra)
 
 
 def lease_timeout(task):

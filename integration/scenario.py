@@ -25,6 +25,8 @@ def wait_for(predicate, timeout=30.0, interval=0.05, message='condition'):
 
 
 class Scenario:
+    app_module = APP  # the Celery app the workers run
+
     def __init__(self, worker_factory, zk_hosts: str, broker: str, name: str) -> None:
         tag = uuid.uuid4().hex[:8]
         self.worker_factory = worker_factory
@@ -54,7 +56,7 @@ class Scenario:
         if hosts is not False:
             args += ['--mutex-hosts', hosts or self.zk_hosts]
         w = self.worker_factory(
-            APP, hostname=f'{name}-{self.queue}@%h', concurrency=concurrency,
+            self.app_module, hostname=f'{name}-{self.queue}@%h', concurrency=concurrency,
             pool=pool, extra_args=args, env=self.env(**(env or {})), loglevel=loglevel)
         if wait:
             w.wait_ready()
@@ -63,7 +65,7 @@ class Scenario:
 
     def send(self, task: str, *args: Any, **options: Any):
         kwargs = options.pop('kwargs', None)
-        return self.client.send_task(f'{APP}.{task}', args=args, kwargs=kwargs,
+        return self.client.send_task(f'{self.app_module}.{task}', args=args, kwargs=kwargs,
                                      queue=self.queue, **options)
 
     # -- ZooKeeper view ----------------------------------------------------
@@ -76,7 +78,7 @@ class Scenario:
         return self._zk
 
     def lease_path(self, task: str, *values: Any, name: Optional[str] = None) -> str:
-        return f'{self.namespace}/{key_digest(name or f"{APP}.{task}", values)}'
+        return f'{self.namespace}/{key_digest(name or f"{self.app_module}.{task}", values)}'
 
     def lease_nodes(self) -> List[str]:
         if not self.zk.exists(self.namespace):

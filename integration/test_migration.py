@@ -35,27 +35,6 @@ class MigrationScenario(Scenario):
 
     app_module = APP
 
-    def worker(self, name='w1', *, concurrency=4, pool='prefork', hosts=None,
-               extra_args=(), env=None, wait=True, loglevel='INFO'):
-        args = list(extra_args)
-        if hosts is not False:
-            args += ['--mutex-hosts', hosts or self.zk_hosts]
-        w = self.worker_factory(
-            self.app_module, hostname=f'{name}-{self.queue}@%h', concurrency=concurrency,
-            pool=pool, extra_args=args, env=self.env(**(env or {})), loglevel=loglevel)
-        if wait:
-            w.wait_ready()
-        self.workers.append(w)
-        return w
-
-    def send(self, task: str, *args: Any, **options: Any):
-        kwargs = options.pop('kwargs', None)
-        return self.client.send_task(f'{self.app_module}.{task}', args=args, kwargs=kwargs,
-                                     queue=self.queue, **options)
-
-    def lease_path(self, task: str, *values: Any, name=None) -> str:
-        return f'{self.namespace}/{key_digest(name or f"{self.app_module}.{task}", values)}'
-
     def lock_path(self, task: str, *refinements: Any, kind: str = 'lock') -> str:
         digest = key_digest(f'{self.app_module}.{task}', list(refinements))
         return f'{self.namespace}/locks/{kind}-{digest}'

@@ -5,21 +5,18 @@ pid, worker, key, fencing token), so a test can check overlaps and counts
 from what actually ran. Configured by environment variables, so one module
 serves every test (each with its own queue, namespace and record list).
 """
-import json
 import os
-import socket
 import time
 
-import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from celery_mutex_bootstep import install
+from integration.recording import record as _record
 
 BROKER = os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
 BACKEND = os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1')
 RECORDS = os.environ.get('TEST_RECORDS', 'mutex-test:records')
-RECORD_URL = os.environ.get('TEST_RECORD_URL', 'redis://127.0.0.1:6379/2')
 
 app = Celery('testapp', broker=BROKER, backend=BACKEND)
 app.conf.update(
@@ -44,23 +41,8 @@ if os.environ.get('TEST_QUEUE_TYPE') == 'quorum':
 if os.environ.get('TEST_INSTALL', '1') == '1':
     install(app)
 
-_redis = None
-
-
-def _r():
-    global _redis
-    if _redis is None:
-        _redis = redis.Redis.from_url(RECORD_URL)
-    return _redis
-
-
 def record(task, phase, key, **extra):
-    lease = getattr(task.request, 'mutex_lease', None) or {}
-    _r().rpush(RECORDS, json.dumps(dict(
-        phase=phase, task=task.name, id=task.request.id, key=key,
-        t=time.time(), pid=os.getpid(), worker=task.request.hostname,
-        host=socket.gethostname(), token=lease.get('token'),
-        retries=task.request.retries, **extra)))
+    _record(RECORDS, task, phase, key, **extra)
 
 
 @app.task(bind=True, mutex_keys=('key',))
@@ -191,6 +173,16 @@ if os.environ.get('TEST_BAD_OPTION') == 'mutex_keys':
 @app.task(bind=True, mutex_keys=('key',))
 def fenced(self, key, duration=0.0, seq=None):
     """Like work, and records the ZooKeeper session its lease was granted in."""
+    session = (getattr(self.request, 'mutex_lease', None) or {}).get('session')
+    record(self, 'start', key, seq=seq, session=session)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq, session=session)
+    return seq
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_requeue_delay=30)
+def fenced_patient(self, key, duration=0.0, seq=None):
+    """fenced, whose contended messages wait in the worker (for the watch) for 30 s."""
     session = (getattr(self.request, 'mutex_lease', None) or {}).get('session')
     record(self, 'start', key, seq=seq, session=session)
     time.sleep(duration)
