@@ -1,7 +1,10 @@
 """Fail closed: a guarded task that reaches a pool without its lease does not run.
 
 The gate stamps the lease into the request it hands to the pool
-(``self.request.mutex_lease``). A guarded task executed by a worker whose
+(``self.request.mutex_lease``), with ``valid_until``: the session deadline, on
+the machine's monotonic clock, when the request was handed to this process.
+A task that only starts after it (its worker froze in between) refuses too,
+and the worker hands its message back. A guarded task executed by a worker whose
 MutexStep is missing or disabled (``--without-mutex``) has no stamp: it logs
 an ERROR, does not run its body, and goes back to the broker (rejected with
 requeue under ``acks_late``, otherwise republished as a fresh copy), after a
@@ -20,6 +23,7 @@ from typing import Any
 from celery.exceptions import Ignore, Reject
 
 from .options import MutexSettings, policy_for_task
+from .request_end import LEASE_EXPIRED
 
 __all__ = ('guard_tasks', 'REFUSAL_PAUSE')
 
@@ -50,9 +54,18 @@ def _guard(task: Any) -> None:
     @functools.wraps(run)
     def run_with_lease(*args: Any, **kwargs: Any) -> Any:
         request = task.request
-        if (not request.called_directly and not request.is_eager
-                and not getattr(request, 'mutex_lease', None)):
-            _refuse(task, request, args, kwargs)
+        if not request.called_directly and not request.is_eager:
+            lease = getattr(request, 'mutex_lease', None)
+            if not lease:
+                _refuse(task, request, args, kwargs)
+            until = lease.get('valid_until')
+            if until is not None and time.monotonic() >= until:
+                # Handed over before its session's deadline but started after
+                # it (a frozen worker): the worker hands the message back.
+                logger.error('mutex: %s[%s] started after its lease may have expired; '
+                             'refusing to run it: it goes back to the broker',
+                             task.name, request.id)
+                raise Reject(LEASE_EXPIRED, requeue=True)
         return run(*args, **kwargs)
 
     run_with_lease._mutex_guarded = True  # type: ignore[attr-defined]

@@ -251,9 +251,7 @@ class ZooKeeperLeases:
             try:
                 answers = result.get_nowait()
             except ConnectionLoss as exc:
-                with self._lock:
-                    self._orphans.update((p, item[4]) for p, item in zip(paths, batch)
-                                         if item[4] is not None)
+                self._add_orphans([(p, item[4]) for p, item in zip(paths, batch)])
                 for item in batch:
                     item[2](LeaseOutcome.UNAVAILABLE, None, exc)
                 return
@@ -297,9 +295,7 @@ class ZooKeeperLeases:
                 return callback(LeaseOutcome.CONTENDED, None, None)
             except ConnectionLoss as exc:
                 # The create may have been applied: reap it on reconnect.
-                with self._lock:
-                    if session_id is not None:
-                        self._orphans.add((path, session_id))
+                self._add_orphans([(path, session_id)])
                 return callback(LeaseOutcome.UNAVAILABLE, None, exc)
             except Exception as exc:
                 return callback(LeaseOutcome.UNAVAILABLE, None, exc)
@@ -403,8 +399,7 @@ class ZooKeeperLeases:
             except NoNodeError:
                 pass
             except ConnectionLoss:
-                with self._lock:
-                    self._orphans.update((lease.path, lease.session_id) for lease in batch)
+                self._add_orphans([(lease.path, lease.session_id) for lease in batch])
             except Exception as exc:
                 logger.warning('mutex: release of %s failed: %r',
                                ', '.join(lease.path for lease in batch), exc)
@@ -433,8 +428,9 @@ class ZooKeeperLeases:
                 self._session_id = session_id
                 self._connected = True
                 self.disconnected_since = None
-            # The server accepted the session just now.
-            self.deadline.acked(time.monotonic())
+            # The server accepted the session after the connect was sent.
+            if self.deadline.connect_sent_at is not None:
+                self.deadline.acked(self.deadline.connect_sent_at)
             self.client.handler.spawn(self._reap_orphans)
             self._probe(session_id)
             name = 'connected'
@@ -548,25 +544,49 @@ class ZooKeeperLeases:
         except Exception:
             pass
 
+    def _add_orphans(self, orphans: List[Tuple[str, Optional[int]]]) -> None:
+        """Nodes this session may own though no reply said so (lost replies)."""
+        with self._lock:
+            self._orphans.update((p, sid) for p, sid in orphans if sid is not None)
+            connected = self._connected
+        if connected:  # the reconnect's reaper may already have run
+            self.client.handler.spawn(self._reap_orphans)
+
     def _reap_orphans(self) -> None:
-        """Delete nodes this session may own from replies lost in transit."""
+        """Delete nodes this session owns but no lease holds (lost replies).
+
+        An orphan is forgotten only once its delete is confirmed (or the node
+        turns out not to be ours); otherwise the next reconnect tries again.
+        """
         with self._lock:
             session_id = self._session_id
-            todo = [p for p, s in self._orphans if s == session_id]
             self._orphans = {(p, s) for p, s in self._orphans if s == session_id}
+            todo = [p for p, _ in self._orphans]
         for path in todo:
             self.client.exists_async(path).rawlink(
                 lambda result, path=path: self._reap_one(path, session_id, result))
 
-    def _reap_one(self, path: str, session_id: int, result: Any) -> None:
+    def _reap_one(self, path: str, session_id: Optional[int], result: Any) -> None:
         try:
             stat = result.get_nowait()
         except Exception:
             return  # still disconnected: the next CONNECTED retries
         with self._lock:
-            self._orphans.discard((path, session_id))
             ours = (stat is not None and stat.ephemeralOwner == session_id
                     and path not in self._held and self._session_id == session_id)
-        if ours:
-            logger.info('mutex: deleting %s, left by a create whose reply was lost', path)
-            self.client.delete_async(path)
+            if not ours:
+                self._orphans.discard((path, session_id))
+        if not ours:
+            return
+        logger.info('mutex: deleting %s, left by a request whose reply was lost', path)
+
+        def deleted(result: Any) -> None:
+            try:
+                result.get_nowait()
+            except NoNodeError:
+                pass
+            except Exception:
+                return  # kept: retried on the next CONNECTED
+            with self._lock:
+                self._orphans.discard((path, session_id))
+        self.client.delete_async(path).rawlink(deleted)

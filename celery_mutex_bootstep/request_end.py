@@ -10,7 +10,9 @@ instance, so each end path calls back exactly as follows:
 * ``killed()``: the pool is killing or has killed the process running it
   (hard time limit, revoke with terminate, worker lost, cancel); the process
   may still be alive for a moment, so the caller waits for it to exit;
-* ``started()``: the pool accepted it (``on_accepted``).
+* ``started()``: the pool accepted it (``on_accepted``);
+* ``refused()``: the pool process refused to run it because its lease may
+  have expired (``Reject`` with :data:`LEASE_EXPIRED`), before ``ended()``.
 
 Callbacks may come more than once (a hard time limit reports both a failure
 and a timeout): the caller makes its release idempotent.
@@ -20,8 +22,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import Reject
 
-__all__ = ('watch_request_end',)
+__all__ = ('watch_request_end', 'LEASE_EXPIRED')
+
+#: Reason of the Reject a pool process raises when a lease's valid_until passed.
+LEASE_EXPIRED = 'mutex lease may have expired before the task started'
 
 # Ends after which the pool child may still be running the task.
 _KILLED = (TimeLimitExceeded, WorkerLostError, Terminated)
@@ -34,7 +40,8 @@ def _exception(exc_info: Any) -> Any:
 
 def watch_request_end(req: Any, *, ended: Callable[[], None],
                       killed: Callable[[], None],
-                      started: Callable[[], None]) -> None:
+                      started: Callable[[], None],
+                      refused: Callable[[], None] = lambda: None) -> None:
     on_success, on_failure = req.on_success, req.on_failure
     on_timeout, on_accepted = req.on_timeout, req.on_accepted
     announce_revoked = req._announce_revoked
@@ -54,10 +61,13 @@ def watch_request_end(req: Any, *, ended: Callable[[], None],
             killed() if failed and isinstance(_exception(retval), _KILLED) else ended()
 
     def on_failure_(exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+        exc = _exception(exc_info)
+        if isinstance(exc, Reject) and getattr(exc, 'reason', None) == LEASE_EXPIRED:
+            refused()
         try:
             return on_failure(exc_info, *args, **kwargs)
         finally:
-            killed() if isinstance(_exception(exc_info), _KILLED) else ended()
+            killed() if isinstance(exc, _KILLED) else ended()
 
     def on_timeout_(soft: bool, timeout: Any) -> Any:
         try:

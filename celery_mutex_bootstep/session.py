@@ -42,6 +42,7 @@ class SessionDeadline:
         self._margin = margin
         self.on_deadline = on_deadline
         self.last_ack: Optional[float] = None  # monotonic send time
+        self.connect_sent_at: Optional[float] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -64,14 +65,17 @@ class SessionDeadline:
             return
 
         def _connect(*args: Any, **kwargs: Any) -> Any:
+            # The server accepted the session no earlier than the request was
+            # sent: an answer that arrives late must not stretch the deadline
+            # past the server's own expiry.
+            self.connect_sent_at = time.monotonic()
             result = connect(*args, **kwargs)
             try:
                 read_timeout_ms = result[0]
                 self.negotiated_timeout = read_timeout_ms * 1.5 / 1000.0
             except Exception:
                 pass
-            # A new connection (same or new session) answered just now.
-            self.acked(time.monotonic())
+            self.acked(self.connect_sent_at)
             return result
         connection._connect = _connect
 
