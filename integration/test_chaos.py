@@ -105,7 +105,11 @@ class Chaos:
         for _ in range(min(n, self.n_tasks - len(self.handles))):
             task = 'work' if self.rnd.random() < 0.25 else 'work_late'
             key = f'c{self.rnd.randrange(self.n_keys)}'
-            h = self.s.send(task, key, round(self.rnd.uniform(0.01, 0.1), 3), len(self.handles))
+            # Mostly short tasks, and one in ten long enough (1-3 s) that a session
+            # loss, which stops holders only at its deadline, still finds some running.
+            duration = (self.rnd.uniform(1.0, 3.0) if self.rnd.random() < 0.1
+                        else self.rnd.uniform(0.01, 0.1))
+            h = self.s.send(task, key, round(duration, 3), len(self.handles))
             self.handles.append(h)
             self.kind_of[h.id] = task
 
