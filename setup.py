@@ -26,7 +26,8 @@ setup(
     },
     extras_require={
         'prometheus': ['prometheus-client>=0.16'],
-        'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4'],
+        'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4',
+                 'prometheus-client>=0.16'],
     },
     classifiers=[
         'Framework :: Celery',

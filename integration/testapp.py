@@ -29,6 +29,8 @@ app.conf.update(
     mutex_max_held=int(os.environ.get('TEST_MAX_HELD', '64')),
     mutex_republish_after=int(os.environ.get('TEST_REPUBLISH_AFTER', '10')),
 )
+if os.environ.get('TEST_PROMETHEUS_PORT'):
+    app.conf.mutex_prometheus_port = int(os.environ['TEST_PROMETHEUS_PORT'])
 if os.environ.get('TEST_TLS_CA'):
     app.conf.mutex_tls = {'ca': os.environ['TEST_TLS_CA'], 'verify_certs': True}
 if os.environ.get('TEST_AUTH'):
