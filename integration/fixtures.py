@@ -38,9 +38,9 @@ def scenario(scenario_for):
     return scenario_for('rabbitmq')
 
 
-@pytest.fixture(scope='module')
-def module_scenario(request, zk, rabbitmq_url, tmp_path_factory):
-    """A Scenario whose workers live for the whole test module."""
+def module_world(tmp_path_factory, zk_hosts, broker, name, cls=Scenario):
+    """Yield a ``cls`` Scenario whose workers live until the generator closes
+    (for module-scoped fixtures)."""
     log_dir = tmp_path_factory.mktemp('workers')
     workers = []
 
@@ -48,11 +48,22 @@ def module_scenario(request, zk, rabbitmq_url, tmp_path_factory):
         w = start_worker(app, log_dir=log_dir, **kwargs)
         workers.append(w)
         return w
-    s = Scenario(factory, zk.hosts, rabbitmq_url, _short_name(request.module.__name__))
-    yield s
-    for w in workers:
-        w.stop(timeout=20)
-    s.close()
+    s = cls(factory, zk_hosts, broker, name)
+    try:
+        yield s
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.stop(timeout=20)
+        s.close()
+
+
+@pytest.fixture(scope='module')
+def module_scenario(request, zk, rabbitmq_url, tmp_path_factory):
+    """A Scenario whose workers live for the whole test module."""
+    yield from module_world(tmp_path_factory, zk.hosts, rabbitmq_url,
+                            _short_name(request.module.__name__))
 
 
 @pytest.fixture

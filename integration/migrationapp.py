@@ -11,25 +11,14 @@ the older libraries' ``ZOOKEEPER_HOSTS`` and ``MUTEX_TIMEOUT``.
 import os
 import time
 
-from celery import Celery
 
 from celery_mutex_bootstep import install
-from integration.recording import record as _record
+from integration.recording import make_app, record as _record
 from celery_mutex_bootstep.migration import LockTask, MutexTask, lock_session
 
-BROKER = os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
-BACKEND = os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1')
 RECORDS = os.environ.get('TEST_RECORDS', 'mutex-migration:records')
 
-app = Celery('migrationapp', broker=BROKER, backend=BACKEND)
-app.conf.update(
-    task_default_queue=os.environ.get('TEST_QUEUE', 'mutex-migration'),
-    mutex_namespace=os.environ.get('TEST_NAMESPACE', '/celery-mutex-migration'),
-    mutex_requeue_delay=float(os.environ.get('TEST_REQUEUE_DELAY', '0.2')),
-    worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
-    broker_connection_retry_on_startup=True,
-    result_expires=3600,
-)
+app = make_app('migrationapp', queue='mutex-migration', namespace='/celery-mutex-migration')
 # The older libraries' settings, as their users have them.
 if os.environ.get('TEST_ZOOKEEPER_HOSTS'):
     app.conf.ZOOKEEPER_HOSTS = os.environ['TEST_ZOOKEEPER_HOSTS']

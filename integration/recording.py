@@ -1,7 +1,6 @@
-"""What test tasks write: one JSON record per start and end of an execution.
-
-Used by the test apps' tasks (in the pool processes); integration/records.py
-reads the records back.
+"""What the test apps share: their env-driven Celery app, and the records their
+tasks write (one JSON record per start and end of an execution, read back by
+integration/records.py).
 """
 import json
 import os
@@ -9,6 +8,7 @@ import socket
 import time
 
 import redis
+from celery import Celery
 
 RECORD_URL = os.environ.get('TEST_RECORD_URL', 'redis://127.0.0.1:6379/2')
 
@@ -29,3 +29,19 @@ def record(records, task, phase, key, **extra):
         t=time.time(), pid=os.getpid(), worker=task.request.hostname,
         host=socket.gethostname(), token=lease.get('token'),
         retries=task.request.retries, **extra)))
+
+
+def make_app(name, *, queue, namespace):
+    """A test app configured from TEST_* variables (broker, backend, queue, ...)."""
+    app = Celery(name,
+                 broker=os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//'),
+                 backend=os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1'))
+    app.conf.update(
+        task_default_queue=os.environ.get('TEST_QUEUE', queue),
+        mutex_namespace=os.environ.get('TEST_NAMESPACE', namespace),
+        mutex_requeue_delay=float(os.environ.get('TEST_REQUEUE_DELAY', '0.2')),
+        worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
+        broker_connection_retry_on_startup=True,
+        result_expires=3600,
+    )
+    return app

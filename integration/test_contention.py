@@ -1,6 +1,5 @@
 """Contention without waste: wake-up, skip, semaphores, timeouts, shared mutexes,
 revoked waiters, bounded holding, a slow ZooKeeper, quorum-queue delivery limits."""
-import subprocess
 import time
 
 import pytest

@@ -22,8 +22,8 @@ from kazoo.recipe.lock import Lock
 from celery_mutex_bootstep.keys import key_digest
 from celery_mutex_bootstep.migration import LockTask, close_lock_sessions, lock_session
 
+from .fixtures import module_world
 from .scenario import Scenario, wait_for
-from .workers import start_worker
 
 APP = 'integration.migrationapp'
 MUTEX_TIMEOUT = 45  # app config MUTEX_TIMEOUT of the module's worker
@@ -65,23 +65,16 @@ class MigrationScenario(Scenario):
 
 @pytest.fixture(scope='module')
 def mig(zk, rabbitmq_url, redis_url, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp('migration-workers')
-    workers = []
-
-    def factory(app, **kwargs):
-        w = start_worker(app, log_dir=log_dir, **kwargs)
-        workers.append(w)
-        return w
-    s = MigrationScenario(factory, zk.hosts, rabbitmq_url, 'migration')
-    # No --mutex-hosts: ZOOKEEPER_HOSTS in the app config must be used.
-    s.worker('w1', concurrency=6, hosts=False, env={
-        'TEST_ZOOKEEPER_HOSTS': zk.hosts, 'TEST_MUTEX_TIMEOUT': str(MUTEX_TIMEOUT)})
-    yield s
-    for w in workers:
-        w.terminate()
-    for w in workers:
-        w.stop(timeout=20)
-    s.close()
+    world = module_world(tmp_path_factory, zk.hosts, rabbitmq_url, 'migration',
+                         cls=MigrationScenario)
+    s = next(world)
+    try:
+        # No --mutex-hosts: ZOOKEEPER_HOSTS in the app config must be used.
+        s.worker('w1', concurrency=6, hosts=False, env={
+            'TEST_ZOOKEEPER_HOSTS': zk.hosts, 'TEST_MUTEX_TIMEOUT': str(MUTEX_TIMEOUT)})
+        yield s
+    finally:
+        world.close()
 
 
 def started(s, handle, **match):

@@ -8,24 +8,15 @@ serves every test (each with its own queue, namespace and record list).
 import os
 import time
 
-from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from celery_mutex_bootstep import install
-from integration.recording import record as _record
+from integration.recording import make_app, record as _record
 
-BROKER = os.environ.get('TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
-BACKEND = os.environ.get('TEST_BACKEND', 'redis://127.0.0.1:6379/1')
 RECORDS = os.environ.get('TEST_RECORDS', 'mutex-test:records')
 
-app = Celery('testapp', broker=BROKER, backend=BACKEND)
+app = make_app('testapp', queue='mutex-test', namespace='/celery-mutex-test')
 app.conf.update(
-    task_default_queue=os.environ.get('TEST_QUEUE', 'mutex-test'),
-    mutex_namespace=os.environ.get('TEST_NAMESPACE', '/celery-mutex-test'),
-    mutex_requeue_delay=float(os.environ.get('TEST_REQUEUE_DELAY', '0.2')),
-    worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
-    broker_connection_retry_on_startup=True,
-    result_expires=3600,
     mutex_max_held=int(os.environ.get('TEST_MAX_HELD', '64')),
     mutex_republish_after=int(os.environ.get('TEST_REPUBLISH_AFTER', '10')),
 )
