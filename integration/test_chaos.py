@@ -100,14 +100,14 @@ class Chaos:
                              extra_args=session_args(), wait=False)
 
     # -- work ----------------------------------------------------------------
-    def wave(self, n=None):
+    def wave(self, n=None, long=False):
         n = self.wave_size if n is None else n
         for _ in range(min(n, self.n_tasks - len(self.handles))):
             task = 'work' if self.rnd.random() < 0.25 else 'work_late'
             key = f'c{self.rnd.randrange(self.n_keys)}'
             # Mostly short tasks, and one in ten long enough (1-3 s) that a session
             # loss, which stops holders only at its deadline, still finds some running.
-            duration = (self.rnd.uniform(1.0, 3.0) if self.rnd.random() < 0.1
+            duration = (self.rnd.uniform(1.0, 3.0) if long or self.rnd.random() < 0.1
                         else self.rnd.uniform(0.01, 0.1))
             h = self.s.send(task, key, round(duration, 3), len(self.handles))
             self.handles.append(h)
@@ -170,8 +170,10 @@ class Chaos:
         t_start = time.time()
         time.sleep(self.rnd.uniform(0.2, 1.0))
         for kind in self.plan:
+            # a few long tasks first, so every fault finds holders running
+            self.wave(3, long=True)
             self.wave(2 * self.wave_size)
-            time.sleep(self.rnd.uniform(0.0, 0.05))  # the wave is being worked on
+            time.sleep(self.rnd.uniform(0.3, 0.5))  # the wave is being worked on
             self.inject(kind)
             self.wave()
             time.sleep(self.rnd.uniform(1.0, 3.0))
