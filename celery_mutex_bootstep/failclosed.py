@@ -1,10 +1,12 @@
 """Fail closed: a guarded task that reaches a pool without its lease does not run.
 
 The gate stamps the lease into the request it hands to the pool
-(``self.request.mutex_lease``), with ``valid_until``: the session deadline, on
-the machine's monotonic clock, when the request was handed to this process.
-A task that only starts after it (its worker froze in between) refuses too,
-and the worker hands its message back. A guarded task executed by a worker whose
+(``self.request.mutex_lease``), with its session and the path of the worker's
+shared validity record (validity.py), which the heartbeat keeps current. A
+task that starts when that session is no longer certainly alive (given up,
+lost, or past its deadline: a frozen worker) refuses too, and the worker hands
+its message back. A task that waited long for a free pool process under a
+healthy session still runs. A guarded task executed by a worker whose
 MutexStep is missing or disabled (``--without-mutex``) has no stamp: it logs
 an ERROR, does not run its body, and goes back to the broker (rejected with
 requeue under ``acks_late``, otherwise republished as a fresh copy), after a
@@ -24,6 +26,7 @@ from celery.exceptions import Ignore, Reject
 
 from .options import MutexSettings, policy_for_task
 from .request_end import LEASE_EXPIRED
+from .validity import lease_valid
 
 __all__ = ('guard_tasks', 'REFUSAL_PAUSE')
 
@@ -58,10 +61,11 @@ def _guard(task: Any) -> None:
             lease = getattr(request, 'mutex_lease', None)
             if not lease:
                 _refuse(task, request, args, kwargs)
-            until = lease.get('valid_until')
-            if until is not None and time.monotonic() >= until:
-                # Handed over before its session's deadline but started after
-                # it (a frozen worker): the worker hands the message back.
+            validity = lease.get('validity')
+            if validity is not None and not lease_valid(
+                    validity, lease.get('session') or 0, lease.get('epoch') or 0):
+                # Handed over under a session that is no longer certainly
+                # alive: the worker hands the message back.
                 logger.error('mutex: %s[%s] started after its lease may have expired; '
                              'refusing to run it: it goes back to the broker',
                              task.name, request.id)

@@ -27,13 +27,14 @@ the consumer with ``call_soon``. Then:
   the message is not requeued.
 
 Everything here runs on the consumer thread; kazoo's answers reach it through
-one FIFO (``_post``).
+one FIFO that wakes the event loop (:mod:`.inbox`). The one exception is the
+reaction to a lost session, which kills the holders on the thread that
+noticed (:mod:`.stopping`) before anything here runs.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Any, Dict, Optional
 
 from celery.worker import state as worker_state
@@ -41,6 +42,7 @@ from celery.worker import state as worker_state
 from . import messages
 from .exceptions import MutexConfigError, MutexContended, MutexKeyError
 from .holders import Holders
+from .inbox import Inbox
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
 from .metrics import MutexMetrics
 from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
@@ -67,6 +69,43 @@ class MutexPolicies:
         """Check every registered task; raises MutexConfigError on a mistake."""
         for name, task in sorted(self.app.tasks.items()):
             self._policies[name] = policy_for_task(task, self.settings)
+        self._check_shared_names()
+
+    def _check_shared_names(self) -> None:
+        """Tasks sharing a ``mutex_name`` must agree on its limit: a limit of 1
+        and of N name their nodes differently (``<key>`` against
+        ``<key>-0..N-1``) and would never see each other's holders."""
+        by_name: Dict[str, MutexPolicy] = {}
+        for policy in self._policies.values():
+            if policy is None:
+                continue
+            other = by_name.setdefault(policy.name, policy)
+            if other.limit != policy.limit:
+                raise MutexConfigError(
+                    f'tasks {other.task!r} and {policy.task!r} share mutex_name '
+                    f'{policy.name!r} with different mutex_limit ({other.limit} and '
+                    f'{policy.limit}): give them one limit, or different mutex_name')
+
+    def validate_pool(self, consumer: Any) -> None:
+        """Guarded tasks need a pool whose tasks the worker can kill when their
+        lease is lost (prefork): threads, solo and green pools run tasks in the
+        worker's own process, so a task would run on without its lease. Those
+        pools need ``mutex_on_session_loss='continue'``, which says so."""
+        if self.settings.on_session_loss == 'continue':
+            return
+        pool_cls = getattr(getattr(consumer, 'controller', None), 'pool_cls', None)
+        pool = getattr(consumer, 'pool', None)
+        module = getattr(pool_cls, '__module__', None) or type(pool).__module__
+        if module.endswith('.prefork') or module.startswith('unittest'):
+            return
+        guarded = sorted(n for n, p in self._policies.items() if p is not None)
+        if guarded:
+            raise MutexConfigError(
+                f'pool {module.rsplit(".", 1)[-1]!r} cannot stop a task whose lease is lost '
+                f'(it runs tasks in the worker process), so guarded tasks '
+                f'({", ".join(guarded[:3])}{", ..." if len(guarded) > 3 else ""}) would run '
+                f'on without exclusivity: use the prefork pool, or set '
+                f'mutex_on_session_loss=continue (--mutex-on-session-loss continue) to accept that')
 
     def get(self, name: str) -> Optional[MutexPolicy]:
         try:
@@ -81,23 +120,23 @@ class MutexGate:
     """Holds guarded requests to their lease between the consumer and the pool."""
 
     def __init__(self, consumer: Any, leases: ZooKeeperLeases,
-                 policies: MutexPolicies, settings: MutexSettings) -> None:
+                 policies: MutexPolicies, settings: MutexSettings, inbox: Inbox) -> None:
         self.c = consumer
+        self.inbox = inbox
         self.leases = leases
         self.policies = policies
         self.settings = settings
         self.hostname = getattr(consumer, 'hostname', None)
         self._next: Any = None
-        self.room = WaitingRoom(consumer, settings.max_held, self._expired)
+        self.room = WaitingRoom(consumer, settings.max_held, self._expired, inbox.later)
         self._generation = 0
         self._watching: set = set()
         self._revoke_timer: Any = None
         self._last_unavailable_log = 0.0
-        self._inbox: deque = deque()
         self._arrivals = 0
-        self._drain_scheduled = False
+        self._post = inbox.post
         self.metrics = MutexMetrics()
-        self.holders = Holders(consumer, leases, self.metrics, settings, self._post)
+        self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
 
     def install(self) -> None:
         """Put the gate in front of the consumer's ``on_task_request``."""
@@ -131,28 +170,6 @@ class MutexGate:
             logger.exception('mutex: gate failed on %s[%s]; handing it back',
                              getattr(req, 'name', '?'), getattr(req, 'id', '?'))
             self._reject(req, requeue=True)
-
-    def _post(self, *call: Any) -> None:
-        """From any thread: run ``call`` on the consumer thread, in order.
-
-        The hub's ``call_soon`` keeps a set, so its callbacks run in no
-        particular order; answers go through this FIFO instead, which keeps
-        a key's waiters in arrival order and wakes the hub once per batch.
-        """
-        self._inbox.append(call)
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            self.c.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._drain_scheduled = False
-        inbox = self._inbox
-        while inbox:
-            fun, *args = inbox.popleft()
-            try:
-                fun(*args)
-            except Exception:
-                logger.exception('mutex: %r failed', fun)
 
     def _try(self, req: Any, key: MutexKey, held: Optional[Held], seq: int = 0) -> None:
         generation = self._generation
@@ -263,12 +280,9 @@ class MutexGate:
         req = held.req
         if req.revoked():  # announced as revoked and acked
             return
-        count = (req.message.headers or {}).get('x-delivery-count')
-        limit = held.key.policy.republish_after
-        if limit and isinstance(count, int) and count >= limit:
-            if messages.republish(self.c.app, req, self.c.connection_errors):
-                self.metrics.inc('republished')
-                return
+        if messages.delivery_limit_reached(req, held.key.policy.republish_after):
+            self.holders.republish(req)  # on its own thread; acked once out
+            return
         self.metrics.inc('requeued')
         req.send_event('task-mutex-requeued', key=held.key.digest)
         self._reject(req, requeue=True)
@@ -285,8 +299,7 @@ class MutexGate:
                     if held.req.revoked():
                         self.room.leave(held)
             self._poll_revoked()
-        self._revoke_timer = self.c.timer.call_after(
-            _REVOKE_POLL, self.c.call_soon, (check,))
+        self._revoke_timer = self.inbox.later(_REVOKE_POLL, check)
 
     def _log_unavailable(self, req: Any, exc: Optional[BaseException]) -> None:
         now = time.monotonic()
@@ -327,12 +340,16 @@ class MutexGate:
 
     # -- consumer and session lifecycle --------------------------------------
 
-    def on_lost(self, leases: list) -> None:
-        """The session's leases are gone (any thread): stop their holders."""
-        self._post(self.holders.session_lost, leases)
+    def on_lost(self, leases: list, wait_until: Optional[float]) -> None:
+        """The session's leases are gone (the deadline's or kazoo's thread):
+        kill their holders here and now, the bookkeeping follows on the
+        consumer thread whenever it runs."""
+        stopped = self.holders.stopper.stop(leases, wait_until=wait_until)
+        self._post(self.holders.session_lost, stopped)
 
     def start(self) -> None:
         """The consumer (re)started."""
+        self.inbox.attach()
         self.holders.resume()
 
     def on_session(self, state: str) -> None:

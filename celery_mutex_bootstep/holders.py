@@ -9,12 +9,16 @@ run:
   lost, our own SIGKILL): Celery reports that before the child is gone, so
   the release waits until the child process has exited;
 * the request never started and never will (prefork dropped it on a broker
-  reconnect, which it does without a callback): after a short grace period.
+  reconnect, which it does without a callback): at once, or, if prefork had
+  already written it to a pool process (which then runs it), once that
+  process was killed and has exited.
 
 A holder that outlives its ``mutex_timeout`` is SIGKILLed by this worker and
-only then released. When the ZooKeeper session is lost, holders are stopped
-the same way (or left to finish with ``mutex_on_session_loss='continue'``)
-and their messages handed back, so the task runs again from the start.
+only then released. When the ZooKeeper session is lost, :mod:`.stopping`
+kills the holders first, on the thread that noticed; the bookkeeping here
+follows on the consumer thread: their messages are handed back, so the task
+runs again from the start (with ``mutex_on_session_loss='continue'`` running
+holders finish instead).
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from .lease import Lease, ZooKeeperLeases
 from .metrics import MutexMetrics
 from .options import MutexPolicy, MutexSettings
 from .processes import process_alive
+from .republisher import Republisher
 from .request_end import watch_request_end
+from .stopping import HolderStopper, holder_pid
 
 __all__ = ('Holders',)
 
@@ -41,7 +47,6 @@ logger = logging.getLogger('celery_mutex_bootstep.gate')
 
 _EXIT_POLL = 0.02
 _SWEEP_EVERY = 0.25
-_DROPPED_GRACE = 2.0
 
 
 class Holders:
@@ -49,15 +54,18 @@ class Holders:
     ``release``, which the pool calls on its own threads)."""
 
     def __init__(self, consumer: Any, leases: ZooKeeperLeases, metrics: MutexMetrics,
-                 settings: MutexSettings, post: Callable[..., None]) -> None:
+                 settings: MutexSettings, inbox: Any) -> None:
         self.c = consumer
         self.leases = leases
         self.metrics = metrics
         self.settings = settings
-        self.post = post  # run on the consumer thread, in order
+        self.inbox = inbox
+        self.post = inbox.post  # run on the consumer thread, in order
         self._granted: Dict[Lease, Any] = {}   # lease -> request
         self._policy_of: Dict[Lease, MutexPolicy] = {}
         self._sweep_timer: Any = None
+        self.stopper = HolderStopper(settings.on_session_loss)
+        self.republisher = Republisher(consumer.app, self.post, self._republished)
 
     def __len__(self) -> int:
         return len(self._granted)
@@ -69,12 +77,14 @@ class Holders:
         """``req`` goes to the pool holding ``lease``: release it when it ends."""
         self._granted[lease] = req
         self._policy_of[lease] = policy
+        self.stopper.add(lease, req)
         watch_request_end(
             req,
             ended=lambda: self.release(lease),
             killed=lambda: self.release_after_exit(req, lease),
             started=lambda: self._started(req, lease),
-            refused=lambda: self._refused_in_pool(req, lease),
+            refused=lambda: self.post(self._refused_in_pool, req, lease),
+            stopped=lambda: bool(req.__dict__.get('_mutex_killed')),
         )
         self._check_before_pool(req, lease)
         if self._sweep_timer is None:
@@ -85,9 +95,9 @@ class Holders:
 
         A request can wait between grant and hand-over (for a free process).
         If the session's deadline passed meanwhile (a frozen worker, say), it
-        is not handed over. Otherwise it carries ``valid_until``, the deadline
-        on the machine's monotonic clock: a pool process that only starts it
-        after that refuses it (see failclosed.py).
+        is not handed over. Otherwise it carries the path of the shared
+        validity record: the pool process checks, when it starts the task,
+        that the lease's session is still certainly alive (see failclosed.py).
         """
         execute_using_pool = req.execute_using_pool
         deadline = self.leases.deadline
@@ -98,7 +108,9 @@ class Holders:
                 self.stop_holder(req, lease, 'its session may have expired before it '
                                  'reached a pool process')
                 raise TaskRevokedError(req.id)
-            req._request_dict['mutex_lease']['valid_until'] = until
+            stamp = req._request_dict['mutex_lease']
+            stamp['validity'] = deadline.validity.path
+            stamp['epoch'] = deadline.validity.epoch
             result = execute_using_pool(pool, **kwargs)
             req._mutex_apply_result = result  # where prefork wrote the job
             return result
@@ -106,16 +118,20 @@ class Holders:
         req.execute_using_pool = execute_using_pool_
 
     def _refused_in_pool(self, req: Any, lease: Lease) -> None:
-        # The pool process refused it (valid_until passed): hand it back once.
+        # The pool process refused it (its session may be gone): hand it back once.
         if not req.__dict__.get('_mutex_stopped'):
             req._mutex_stopped = True
-            self._hand_back(req)
+            logger.warning('mutex: %s[%s] was refused by its pool process: its session '
+                           'may have expired before it started; it goes back', req.name, req.id)
+            self._hand_back(req, lease)
 
     def _started(self, req: Any, lease: Lease) -> None:
         # The pool's thread. A lease lost before the pool started the task
         # (the session ended while it sat in the pool's queue): stop it now.
         if lease.lost:
             self.post(self.stop_holder, req, lease, 'its lease was lost before it started')
+        elif req.__dict__.get('_mutex_release_requested'):
+            self.post(self._terminate, req, lease)
 
     # -- releasing ---------------------------------------------------------
 
@@ -123,15 +139,16 @@ class Holders:
         # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
         self._granted.pop(lease, None)
         self._policy_of.pop(lease, None)
+        self.stopper.discard(lease)
         if self.leases.release(lease):
             self.metrics.inc('released')
             self.metrics.held_for(time.monotonic() - lease.acquired_monotonic)
 
-    def release_after_exit(self, req: Any, lease: Lease) -> None:
-        pid = getattr(req, 'worker_pid', None)
+    def release_after_exit(self, req: Any, lease: Lease, pid: Optional[int] = None) -> None:
+        pid = pid or getattr(req, 'worker_pid', None)
         if not pid or pid == os.getpid():
             return self.release(lease)  # solo/threads: the task has returned
-        self.c.call_soon(self._wait_exit, lease, pid, time.monotonic())
+        self.post(self._wait_exit, lease, pid, time.monotonic())
 
     def _wait_exit(self, lease: Lease, pid: int, since: float) -> None:
         if lease.released:
@@ -142,8 +159,7 @@ class Holders:
             logger.warning('mutex: pool process %s is still alive 30s after its task '
                            'was killed; lease %s stays held until it exits', pid, lease.path)
             since = float('inf')
-        self.c.timer.call_after(_EXIT_POLL, self.c.call_soon,
-                                (self._wait_exit, lease, pid, since))
+        self.inbox.later(_EXIT_POLL, self._wait_exit, lease, pid, since)
 
     # -- stopping holders --------------------------------------------------
 
@@ -162,8 +178,7 @@ class Holders:
                     and not req.__dict__.get('_mutex_overran')):
                 req._mutex_overran = True
                 self._overran(req, lease, policy)
-        self._sweep_timer = self.c.timer.call_after(
-            _SWEEP_EVERY, self.c.call_soon, (self._sweep_overruns,))
+        self._sweep_timer = self.inbox.later(_SWEEP_EVERY, self._sweep_overruns)
 
     def _overran(self, req: Any, lease: Lease, policy: MutexPolicy) -> None:
         pid = getattr(req, 'worker_pid', None)
@@ -196,16 +211,21 @@ class Holders:
             logger.error('mutex: could not kill pool process %s: %r', req.worker_pid, exc)
         self.release_after_exit(req, lease)
 
-    def session_lost(self, leases: List[Lease]) -> None:
-        """These leases went with the ZooKeeper session: stop their holders."""
-        for lease in leases:
+    def session_lost(self, stopped: list) -> None:
+        """Bookkeeping after :mod:`.stopping` killed the holders of a lost
+        session: ``(lease, request, killed pid or None)`` each."""
+        for lease, req, pid in stopped:
             self._policy_of.pop(lease, None)
-            req = self._granted.pop(lease, None)
-            if req is None or lease.released:
+            self._granted.pop(lease, None)
+            self.stopper.discard(lease)
+            if lease.released:
                 continue
             self.metrics.inc('lost')
             req.send_event('task-mutex-lost', key=lease.key)
-            if req.time_start is None:
+            if pid is not None:
+                self.stop_holder(req, lease, 'its lease was lost with the ZooKeeper '
+                                 'session', killed=True)
+            elif req.time_start is None:
                 self.stop_holder(req, lease, 'its lease was lost before it started')
             elif self.settings.on_session_loss == 'continue':
                 logger.error('mutex: %s[%s] lost its lease with the ZooKeeper session; it '
@@ -214,19 +234,22 @@ class Holders:
             else:
                 self.stop_holder(req, lease, 'its lease was lost with the ZooKeeper session')
 
-    def stop_holder(self, req: Any, lease: Lease, why: str) -> None:
+    def stop_holder(self, req: Any, lease: Lease, why: str, killed: bool = False) -> None:
         """Never run without a lease: kill it or keep it from starting, and
         hand its message back so it runs again from the start elsewhere."""
-        started = req.time_start is not None
-        pid = getattr(req, 'worker_pid', None)
-        killable = started and pid and pid != os.getpid()
+        started = req.time_start is not None or killed
+        pid = holder_pid(req)
+        killable = started and pid is not None and not killed
         if not req.__dict__.get('_mutex_stopped'):
             req._mutex_stopped = True
             logger.error('mutex: %s[%s] %s: %s; it will run again from the start', req.name,
-                         req.id, why, 'killing it' if killable else
+                         req.id, why, 'killing it' if killable or killed else
                          'stopping it' if not started else 'this pool cannot kill it')
-            self._hand_back(req)
-        if not started:
+            self._hand_back(req, lease)
+        if killed:
+            worker_state.task_ready(req)
+            self.release_after_exit(req, lease, pid)
+        elif not started:
             # Still in the pool's queue: execute_using_pool will refuse it.
             req._already_revoked = True
             worker_state.task_ready(req)
@@ -234,21 +257,38 @@ class Holders:
         elif killable:
             self._kill(req, lease)
 
-    def _hand_back(self, req: Any) -> None:
-        """The task runs again from the start: its message goes back."""
-        if not req.acknowledged:
+    def _hand_back(self, req: Any, lease: Optional[Lease] = None) -> None:
+        """The task runs again from the start: its message goes back (consumer
+        thread). Unacknowledged: rejected to the broker, unless a quorum queue
+        counted ``mutex_republish_after`` deliveries; acknowledged: a fresh copy,
+        kept and retried until the broker takes it."""
+        policy = self._policy_of.get(lease) if lease is not None else None
+        limit = policy.republish_after if policy is not None else self.settings.republish_after
+        if not req.acknowledged and not messages.delivery_limit_reached(req, limit):
             messages.reject(req, self.c.connection_errors, requeue=True)
-        elif messages.republish(self.c.app, req, self.c.connection_errors):
-            self.metrics.inc('republished')
         else:
-            logger.error('mutex: %s[%s] could not be republished: it will not run again',
-                         req.name, req.id)
+            self.republish(req)
+
+    def republish(self, req: Any) -> None:
+        req._mutex_republishing = True
+        self.republisher.submit(req)
+
+    def _republished(self, req: Any) -> None:
+        self.metrics.inc('republished')
+        messages.ack(req, self.c.connection_errors)
+
+    def _terminate(self, req: Any, lease: Lease) -> None:
+        logger.warning('mutex: releasing %s on request: killing %s[%s] as it started',
+                       lease.path, req.name, req.id)
+        req.terminate(self.c.pool, signal='SIGKILL')
 
     def release_matching(self, *, key: Optional[str] = None, task_id: Optional[str] = None,
                          task: Optional[str] = None) -> list:
         """Operator release: kill the matching holders (SIGKILL through the pool,
-        reported as revoked) so their leases are freed once they have exited;
-        holders not started yet are revoked before they run."""
+        reported as revoked) so their leases are freed once they have exited.
+        A holder handed to the pool but not started yet may still start (it
+        may sit in a pool process's pipe): it keeps its lease and is killed
+        the moment the pool reports it started."""
         done = []
         for lease, req in list(self._granted.items()):
             if not ((key and key in (lease.key, lease.path, lease.key.split('-')[0]))
@@ -256,14 +296,11 @@ class Holders:
                     or (task and req.name == task)):
                 continue
             if req.time_start is not None:
-                logger.warning('mutex: releasing %s on request: killing %s[%s]',
-                               lease.path, req.name, req.id)
-                req.terminate(self.c.pool, signal='SIGKILL')
+                self._terminate(req, lease)
                 action = 'killed'
             else:
-                worker_state.revoked.add(req.id)
-                req.revoked()  # announces it revoked; the release follows
-                action = 'revoked'
+                req._mutex_release_requested = True
+                action = 'killed when it starts'
             done.append({'key': lease.key, 'path': lease.path, 'task_id': req.id,
                          'task': req.name, 'action': action})
         return done
@@ -276,18 +313,19 @@ class Holders:
             self._sweep_overruns()
 
     def pause(self, *, reconnect: bool) -> None:
-        """The consumer stops. On a broker reconnect prefork drops the requests
-        it had not started, without a word: their messages come back from the
-        broker, their leases must go."""
+        """The consumer stops. On a broker reconnect prefork has just dropped
+        the requests it had not started, without a word (``pool.flush()`` in
+        ``Consumer.on_close``, which runs before the steps stop): their messages
+        come back from the broker, their leases must go."""
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
         if reconnect and type(self.c.pool).__module__.endswith('.prefork'):
+            # Whatever prefork forgot must not start, wherever it sits.
+            self.leases.deadline.validity.next_epoch()
             dropped = [(lease, req) for lease, req in list(self._granted.items())
                        if req.time_start is None]
-            if dropped:
-                self.c.timer.call_after(_DROPPED_GRACE, self.c.call_soon,
-                                        (self._release_dropped, dropped))
+            self._release_dropped(dropped)
 
     def _release_dropped(self, dropped: list) -> None:
         for lease, req in dropped:
@@ -295,19 +333,21 @@ class Holders:
                 continue  # it started after all: it ends the normal way
             req._already_revoked = True  # should it still reach the pool: refused
             worker_state.task_ready(req)
-            process = getattr(req.__dict__.get('_mutex_apply_result'), '_write_to', None)
-            if process is None:  # never written to a pool process: it cannot run
+            pid = holder_pid(req)
+            if pid is None:  # never written to a pool process: it cannot run
                 logger.info('mutex: releasing %s: %s[%s] was dropped by the broker '
                             'reconnect and will be redelivered', lease.path, req.name, req.id)
                 self.release(lease)
                 continue
-            # prefork forgot the job, but the process it was written to will
-            # still run it: stop that process, release once it has exited.
+            # prefork forgot the job, but the process it was written to runs
+            # it (and nothing else: fair scheduling writes only to idle
+            # processes): stop it now, release once it has exited.
             logger.warning('mutex: %s[%s] was dropped by the broker reconnect but sits in '
                            'pool process %s: killing it before releasing %s',
-                           req.name, req.id, process.pid, lease.path)
+                           req.name, req.id, pid, lease.path)
+            req._mutex_killed = True
             try:
-                os.kill(process.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.c.call_soon(self._wait_exit, lease, process.pid, time.monotonic())
+            self.release_after_exit(req, lease, pid)

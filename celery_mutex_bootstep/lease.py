@@ -26,8 +26,14 @@ Failure cases:
   reconnects the node is read back and deleted if this session owns it and no
   lease of ours holds it, so a lost reply never leaves a key stuck.
 * Session expiry (LOST) ends every lease at once: they are marked ``lost``
-  and reported through ``on_lost``; what to do with their running holders is
-  the caller's decision.
+  and reported through ``on_lost(leases, None)``; what to do with their
+  running holders is the caller's decision. At the session deadline (see
+  session.py) the same happens with ``on_lost(leases, wait_until)`` on the
+  deadline thread, and the session is closed only once ``on_lost`` returned:
+  the caller stops the holders before then, and at the latest by
+  ``wait_until``, before the server could expire the session.
+* A request sent on a session given up since is not sent again on the next
+  one (a semaphore's next slot): its answer says unavailable.
 """
 from __future__ import annotations
 
@@ -114,7 +120,7 @@ class ZooKeeperLeases:
                  session_timeout: float = 10.0,
                  session_margin: Optional[float] = None,
                  on_state: Optional[Callable[[str], None]] = None,
-                 on_lost: Optional[Callable[[List[Lease]], None]] = None,
+                 on_lost: Optional[Callable[[List[Lease], Optional[float]], None]] = None,
                  client: Optional[KazooClient] = None,
                  client_options: Optional[Dict[str, Any]] = None,
                  schedule: Optional[Callable[[Callable[[], None]], Any]] = None) -> None:
@@ -157,7 +163,8 @@ class ZooKeeperLeases:
         self.client.add_listener(self._on_kazoo_state)
         self.deadline = SessionDeadline(self.client, '/', session_timeout,
                                         margin=session_margin,
-                                        on_deadline=self._give_up)
+                                        on_deadline=self._give_up,
+                                        session_id=lambda: self._session_id)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -276,6 +283,12 @@ class ZooKeeperLeases:
                     owner: Any, session_id: Optional[int]) -> None:
         key = keys[i]
         path = self.path_for(key)
+        if session_id != self._session_id or not self.connected:
+            # Asked for under a session given up since (a next slot, a batch
+            # fallback): sending it now would create under the new session
+            # a node recorded under the old one.
+            callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('session changed'))
+            return
         try:
             async_result = self.client.create_async(
                 path, data, ephemeral=True, makepath=True, include_data=True)
@@ -440,15 +453,17 @@ class ZooKeeperLeases:
                 self.disconnected_since = time.monotonic()
             name = 'suspended'
         else:
+            self.deadline.reset()  # pool processes refuse to start from now on
             with self._lock:
                 self._connected = False
+                self._session_id = None
                 if self.disconnected_since is None:
                     self.disconnected_since = time.monotonic()
                 lost = self._drop_all_locked()
                 self._orphans.clear()
             name = 'lost'
         if lost and self.on_lost:
-            self.on_lost(lost)
+            self.on_lost(lost, None)  # expired already: kill at once, no wait
         if self.on_state:
             self.on_state(name)
         return False  # stay registered
@@ -460,10 +475,15 @@ class ZooKeeperLeases:
         acquire them; then the session is closed (if the server still has it,
         its nodes vanish now rather than hold stale leases) and replaced.
         """
+        # The server could expire the session from last ack + timeout on:
+        # the holders must be gone by then.
+        wait_until = time.monotonic() + max(0.0, self.deadline.margin - 0.05)
+        self.deadline.reset()
         with self._lock:
             if not self._started:
                 return
             self._connected = False
+            self._session_id = None
             if self.disconnected_since is None:
                 self.disconnected_since = time.monotonic()
             lost = self._drop_all_locked()
@@ -472,7 +492,7 @@ class ZooKeeperLeases:
                      '(negotiated timeout %.1fs, margin %.1fs): treating the session as '
                      'lost', self.hosts, self.deadline.negotiated_timeout, self.deadline.margin)
         if lost and self.on_lost:
-            self.on_lost(lost)
+            self.on_lost(lost, wait_until)  # kills the holders, on this thread
         if self.on_state:
             self.on_state('lost')
         try:

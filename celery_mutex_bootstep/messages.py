@@ -1,4 +1,5 @@
-"""Handing a message back: reject, republish, or fail it with a stored result.
+"""Handing a message back: reject or fail it with a stored result (republishing
+lives in republisher.py).
 
 Straight on the kombu message, not through ``Request.reject``: that goes
 through ``call_soon``, which waits for the hub's next poll (seconds, in
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ('reject', 'ack', 'republish', 'store_failure')
+__all__ = ('reject', 'ack', 'delivery_limit_reached', 'store_failure')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
@@ -29,37 +30,11 @@ def ack(req: Any, connection_errors: Any) -> None:
     req.message.ack_log_error(logger, connection_errors)
 
 
-def republish(app: Any, req: Any, connection_errors: Any) -> bool:
-    """Publish a fresh copy of the message (same task id, body and headers, no
-    delivery count), then ack the original if it was not acked yet.
-
-    Used where a requeue would lose the task: an already acknowledged message
-    (Celery's default early ack) or a quorum queue's delivery limit. A worker
-    dying between the publish and the ack duplicates the task (at-least-once).
-    """
-    message = req.message
-    info = message.delivery_info or {}
-    headers = {k: v for k, v in (message.headers or {}).items() if k != 'x-delivery-count'}
-    props = message.properties or {}
-    try:
-        with app.producer_or_acquire() as producer:
-            producer.publish(
-                message.body, exchange=info.get('exchange') or '',
-                routing_key=info.get('routing_key'), headers=headers,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                correlation_id=props.get('correlation_id'),
-                reply_to=props.get('reply_to'), priority=props.get('priority'),
-                delivery_mode=props.get('delivery_mode'),
-                # The producer's connection may be stale (a frozen worker, a
-                # broker reset): reconnect rather than lose the task.
-                retry=True, retry_policy={'max_retries': 5, 'interval_start': 0,
-                                          'interval_step': 0.2, 'interval_max': 1})
-    except Exception as exc:
-        logger.warning('mutex: could not republish %s[%s]: %r', req.name, req.id, exc)
-        return False
-    ack(req, connection_errors)
-    return True
+def delivery_limit_reached(req: Any, limit: int) -> bool:
+    """A quorum queue counted ``limit`` deliveries (``x-delivery-count``): another
+    requeue could make it drop or dead-letter the message, so republish instead."""
+    count = (req.message.headers or {}).get('x-delivery-count')
+    return bool(limit) and isinstance(count, int) and count >= limit
 
 
 def store_failure(req: Any, exc: Exception) -> None:

@@ -16,6 +16,11 @@ instance, so each end path calls back exactly as follows:
 
 Callbacks may come more than once (a hard time limit reports both a failure
 and a timeout): the caller makes its release idempotent.
+
+A request the step killed itself because its lease was lost (``stopped()``
+is true) is not reported to Celery as a failure: Celery would store FAILURE
+and acknowledge an ``acks_late`` message, while the step hands the message
+back so the task runs again.
 """
 from __future__ import annotations
 
@@ -23,10 +28,11 @@ from typing import Any, Callable
 
 from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 
 __all__ = ('watch_request_end', 'LEASE_EXPIRED')
 
-#: Reason of the Reject a pool process raises when a lease's valid_until passed.
+#: Reason of the Reject a pool process raises when its lease's session may be gone.
 LEASE_EXPIRED = 'mutex lease may have expired before the task started'
 
 # Ends after which the pool child may still be running the task.
@@ -41,7 +47,8 @@ def _exception(exc_info: Any) -> Any:
 def watch_request_end(req: Any, *, ended: Callable[[], None],
                       killed: Callable[[], None],
                       started: Callable[[], None],
-                      refused: Callable[[], None] = lambda: None) -> None:
+                      refused: Callable[[], None] = lambda: None,
+                      stopped: Callable[[], bool] = lambda: False) -> None:
     on_success, on_failure = req.on_success, req.on_failure
     on_timeout, on_accepted = req.on_timeout, req.on_accepted
     announce_revoked = req._announce_revoked
@@ -62,6 +69,9 @@ def watch_request_end(req: Any, *, ended: Callable[[], None],
 
     def on_failure_(exc_info: Any, *args: Any, **kwargs: Any) -> Any:
         exc = _exception(exc_info)
+        if isinstance(exc, _KILLED + (SystemExit,)) and stopped():
+            worker_state.task_ready(req)
+            return killed()
         if isinstance(exc, Reject) and getattr(exc, 'reason', None) == LEASE_EXPIRED:
             refused()
         try:

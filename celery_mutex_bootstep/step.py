@@ -8,6 +8,7 @@ from celery import bootsteps
 from . import control  # noqa: F401  (registers the inspect command)
 from .failclosed import guard_tasks
 from .gate import MutexGate, MutexPolicies
+from .inbox import Inbox
 from .lease import ZooKeeperLeases
 from .metrics import start_prometheus
 from .options import MutexSettings
@@ -45,18 +46,23 @@ class MutexStep(bootsteps.StartStopStep):
             on_session_loss=mutex_on_session_loss, auth=mutex_auth)
         policies = MutexPolicies(c.app, self.settings)
         policies.validate_all()
+        policies.validate_pool(c)
+        # One FIFO to the consumer thread for everything from other threads.
+        self.inbox = inbox = Inbox(c)
         self.leases = ZooKeeperLeases(
             self.settings.hosts, self.settings.namespace,
             session_timeout=self.settings.session_timeout,
             session_margin=self.settings.session_margin,
             client_options=client_options(self.settings.auth, self.settings.tls),
             # Acquisitions of one turn of the consumer's loop go out together.
-            schedule=c.call_soon,
-            # kazoo's or the heartbeat's thread: the gate takes it from there.
-            on_state=lambda state: c.call_soon(self.gate.on_session, state),
-            on_lost=lambda leases: self.gate.on_lost(leases))
+            schedule=inbox.post,
+            # kazoo's or the heartbeat's thread: through the same FIFO as the
+            # answers, so a state change never overtakes an answer sent before.
+            on_state=lambda state: inbox.post(self.gate.on_session, state),
+            # Not through the consumer: it kills the holders on this thread.
+            on_lost=lambda leases, wait_until: self.gate.on_lost(leases, wait_until))
         # Before any start: every strategy built later captures the gate.
-        self.gate = MutexGate(c, self.leases, policies, self.settings)
+        self.gate = MutexGate(c, self.leases, policies, self.settings, inbox)
         self.gate.install()
         c.mutex_gate = self.gate
 
@@ -73,10 +79,14 @@ class MutexStep(bootsteps.StartStopStep):
     terminate = stop
 
     def shutdown(self, c: Any) -> None:
+        if not self.enabled:
+            return
         try:
             self.gate.stop()
+            self.gate.holders.republisher.close()
         finally:
             self.leases.close()
+            self.inbox.close()
 
     def info(self, c: Any) -> dict:
         return {'mutex': {'hosts': self.settings.hosts,

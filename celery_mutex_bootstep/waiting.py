@@ -38,8 +38,10 @@ class Held:
 
 class WaitingRoom:
     def __init__(self, consumer: Any, max_held: int,
-                 on_expire: Callable[[Held], None]) -> None:
+                 on_expire: Callable[[Held], None],
+                 later: Callable[..., Any]) -> None:
         self.c = consumer
+        self.later = later  # later(delay, fun, *args): a timer entry
         self.max_held = max_held
         self.on_expire = on_expire
         self._by_key: Dict[str, Deque[Held]] = OrderedDict()
@@ -75,8 +77,7 @@ class WaitingRoom:
             i -= 1
         queue.insert(i, held)
         self._count += 1
-        held.entry = self.c.timer.call_after(
-            delay, self.c.call_soon, (self._expired, held))
+        held.entry = self.later(delay, self._expired, held)
         return held
 
     def leave(self, held: Held) -> bool:

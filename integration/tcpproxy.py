@@ -6,6 +6,9 @@
     proxy.resume()    # bytes flow again (what was held is delivered late)
     proxy.stall('down')  # only server -> client is held ('up': client -> server)
     proxy.sever()     # close the current connections (new ones are accepted)
+    proxy.refuse()    # close the current connections and refuse new ones
+    proxy.refuse(sever=False)  # keep the current ones, refuse new ones
+    proxy.accept()    # accept new connections again after refuse()
     proxy.close()     # stop listening and close every connection
 
 ``stall()`` is a network partition as TCP sees it: connections stay open, new ones
@@ -110,6 +113,8 @@ class TcpProxy:
         for event in self._flow.values():
             event.set()
         self._closed = False
+        self._refusing = False
+        self.refused = 0
         self._lock = threading.Lock()
         self._connections = set()
         self.accepted = 0
@@ -169,6 +174,18 @@ class TcpProxy:
         for conn in connections:
             conn.close()
         return len(connections)
+
+    def refuse(self, sever=True):
+        """A host whose network is down, as its clients see it: every current
+        connection is closed (unless ``sever=False``) and every new one is closed as
+        soon as it is accepted (nothing reaches the server), until ``accept()``.
+        Returns how many were closed."""
+        self._refusing = True
+        return self.sever() if sever else 0
+
+    def accept(self):
+        """Forward new connections again after ``refuse()``."""
+        self._refusing = False
 
     def close(self):
         """Stop listening and close every connection (idempotent)."""
@@ -231,6 +248,10 @@ class TcpProxy:
             except OSError:
                 if self._closed:
                     return
+                continue
+            if self._refusing:
+                self.refused += 1
+                client.close()
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=self.connect_timeout)

@@ -164,10 +164,25 @@ def test_configuration_mistakes_stop_the_worker_at_start(scenario):
 
 
 @pytest.mark.parametrize('pool', ['threads', 'solo'])
+def test_pools_that_cannot_kill_a_holder_are_refused_unless_continue_is_set(scenario, pool):
+    """A holder on threads/solo runs in the worker process: on session loss it
+    could not be stopped, so it would overlap the next holder."""
+    s = scenario
+    w = s.worker('w1', concurrency=1, pool=pool, wait=False)
+    assert w.wait(timeout=60) != 0
+    assert (f"pool '{'thread' if pool == 'threads' else 'solo'}' cannot stop a task whose "
+            "lease is lost") in w.log_text()
+    assert 'mutex_on_session_loss=continue' in w.log_text()
+
+
+CONTINUE = ['--mutex-on-session-loss', 'continue']
+
+
+@pytest.mark.parametrize('pool', ['threads', 'solo'])
 def test_other_pools_hold_and_release_leases(scenario, pool):
     s = scenario
-    s.worker('w1', concurrency=4 if pool == 'threads' else 1, pool=pool)
-    s.worker('w2', concurrency=4 if pool == 'threads' else 1, pool=pool)
+    s.worker('w1', concurrency=4 if pool == 'threads' else 1, pool=pool, extra_args=CONTINUE)
+    s.worker('w2', concurrency=4 if pool == 'threads' else 1, pool=pool, extra_args=CONTINUE)
     handles = [s.send('work', f'p{i % 3}', 0.05, i) for i in range(24)]
     handles += [s.send('ends', 'pf', 'fail'), s.send('ends', 'pr', 'retry')]
     results(handles, timeout=90)

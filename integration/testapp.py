@@ -9,6 +9,7 @@ import os
 import time
 
 from celery.exceptions import Ignore, Reject
+from celery.worker.control import control_command
 
 from celery_mutex_bootstep import install
 from integration.recording import make_app, record as _record
@@ -33,6 +34,15 @@ if os.environ.get('TEST_QUEUE_TYPE') == 'quorum':
         'x-delivery-limit': int(os.environ.get('TEST_DELIVERY_LIMIT', '3'))})]
 if os.environ.get('TEST_INSTALL', '1') == '1':
     install(app)
+
+
+@control_command(args=[('seconds', float)], signature='<seconds>')
+def test_block_consumer(state, seconds=1.0):
+    """Tests: block the worker's consumer thread (control commands run on it)."""
+    time.sleep(float(seconds))
+    state.consumer.app.log.get_default_logger().warning('test: consumer unblocked')
+    return {'ok': 'blocked'}
+
 
 def record(task, phase, key, **extra):
     _record(RECORDS, task, phase, key, **extra)

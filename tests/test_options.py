@@ -152,3 +152,36 @@ def test_app_config_mistakes(conf, message):
     with pytest.raises(MutexConfigError) as info:
         MutexSettings.from_app(conf)
     assert message in str(info.value)
+
+
+def checked(app, *tasks):
+    # Only these tasks: other tests' shared tasks land in every app.
+    from celery_mutex_bootstep.gate import MutexPolicies
+    policies = MutexPolicies(app, settings())
+    policies._policies = {t.name: policy_for_task(t, settings()) for t in tasks}
+    policies._check_shared_names()
+
+
+def test_tasks_sharing_a_mutex_name_with_different_limits_are_refused(app):
+    @app.task(shared=False, name='proj.exclusive', mutex_name='acct', mutex_keys=('a',))
+    def exclusive(a):
+        pass
+
+    @app.task(shared=False, name='proj.shared', mutex_name='acct', mutex_keys=('a',), mutex_limit=2)
+    def shared(a):
+        pass
+    with pytest.raises(MutexConfigError) as e:
+        checked(app, exclusive, shared)
+    msg = str(e.value)
+    assert "'proj.exclusive'" in msg and "'proj.shared'" in msg and 'mutex_limit' in msg
+
+
+def test_tasks_sharing_a_mutex_name_with_one_limit_are_accepted(app):
+    @app.task(shared=False, name='proj.a', mutex_name='acct', mutex_keys=('a',), mutex_limit=2)
+    def a(a):
+        pass
+
+    @app.task(shared=False, name='proj.b', mutex_name='acct', mutex_keys=('a',), mutex_limit=2)
+    def b(a):
+        pass
+    checked(app, a, b)
