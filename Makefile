@@ -6,7 +6,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: all install zookeeper venv test unit demo bench chaos clean
+.PHONY: all install zookeeper venv test unit compat demo bench chaos clean
 
 all: test
 
@@ -26,19 +26,27 @@ $(STAMP): setup.py
 test: install
 	$(PY) -m pytest -q tests integration
 
+# The oldest and a middle supported Celery/kombu/kazoo (the newest is `make test`'s).
+COMPAT ?= 5.3.6:5.3.7:2.9.0 5.5.3:5.5.4:2.10.0
+
+compat: install
+	sh scripts/compat.sh $(COMPAT)
+
 unit: venv
 	$(PY) -m pytest -q tests
 
 demo: install
 	$(PY) -m integration.demo
 
+# `make bench CELERY=5.5.3` runs them on that compat virtualenv (`make compat` builds it);
+# BENCH_ARGS=--quick for the smoke run.
 bench: install
-	$(PY) -m bench.run
+	$(if $(CELERY),.venv-compat/celery-$(CELERY)/bin/python,$(PY)) -m bench.run $(BENCH_ARGS)
 
 # Long chaos scenarios (tests marked chaos_full, skipped by `make test`).
 chaos: install
 	$(PY) -m pytest -q integration -m chaos_full --run-chaos-full
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .venv-compat build dist .pytest_cache .hypothesis *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -25,12 +25,12 @@ class Held:
 
     __slots__ = ('req', 'key', 'seq', 'entry', 'compensated', 'since', 'trying', 'gone')
 
-    def __init__(self, req: Any, key: Any, compensated: bool, seq: int = 0) -> None:
+    def __init__(self, req: Any, key: Any, compensated: int, seq: int = 0) -> None:
         self.req = req
         self.key = key
         self.seq = seq
         self.entry: Any = None
-        self.compensated = compensated
+        self.compensated = compensated  # what holding it added to the prefetch count
         self.since = time.monotonic()
         self.trying = False   # an acquisition for it is in flight
         self.gone = False     # left the room (granted, handed back, revoked)
@@ -66,11 +66,16 @@ class WaitingRoom:
         """Hold ``req``; ``seq`` is its arrival number, which orders the key's
         waiters (an answer from ZooKeeper can come back after a later arrival
         already joined the queue)."""
-        compensated = self._compensated < self.max_held
+        compensated = 0
+        if self._compensated < self.max_held:
+            # kombu caps the increment at max_prefetch (worker_eta_task_limit)
+            # but not the decrement: undo exactly what was applied.
+            qos = self.c.qos
+            before = qos.value
+            compensated = max(0, (qos.increment_eventually() or 0) - (before or 0))
+            if compensated:
+                self._compensated += 1
         held = Held(req, key, compensated, seq)
-        if compensated:
-            self._compensated += 1
-            self.c.qos.increment_eventually()
         queue = self._by_key.setdefault(key.digest, deque())
         i = len(queue)
         while i and queue[i - 1].seq > seq:
@@ -102,7 +107,7 @@ class WaitingRoom:
             held.entry = None
         if held.compensated:
             self._compensated -= 1
-            self.c.qos.decrement_eventually()
+            self.c.qos.decrement_eventually(held.compensated)
         return True
 
     def _expired(self, held: Held) -> None:
@@ -115,7 +120,7 @@ class WaitingRoom:
         everyone = list(self)
         for held in everyone:
             if not restore_qos:
-                held.compensated = False  # the connection's qos is gone
+                held.compensated = 0  # Celery restores the prefetch count itself
             self.leave(held)
         self._compensated = 0
         return everyone

@@ -95,7 +95,7 @@ def test_release_is_idempotent_across_threads(make_leases, observer, namespace):
 
 def test_expired_session_never_deletes_the_next_holders_node(zk, make_leases, observer, namespace):
     lost = []
-    a = make_leases(on_lost=lost.extend)
+    a = make_leases(on_lost=lambda leases, wait_until: lost.extend(leases))
     b = make_leases()
     _, lease = acquire(a, 'k')
     old_session = a.session_id
@@ -177,3 +177,20 @@ def test_batched_acquisitions_keep_tokens_and_fall_back_on_contention(zk, namesp
         assert outcomes.count(LeaseOutcome.ACQUIRED) == 4
     finally:
         leases.close()
+
+
+def test_a_next_slot_asked_for_under_a_session_given_up_is_not_created_on_the_next(
+        make_leases, namespace):
+    """A semaphore's next-slot create (or a batch fallback) runs on kazoo's thread
+    after an answer: if the session was given up and replaced meanwhile, creating it
+    on the new session would leave a node nobody tracks (the key stays held)."""
+    leases = make_leases(on_lost=lambda lost, wait_until: None)
+    old = leases.session_id
+    leases._give_up()  # the session deadline passed: closed and replaced
+    assert wait_for(lambda: leases.connected and leases.session_id not in (None, old), 20)
+    answers = []
+    leases._try_create(['k-1'], 0, b'{}', lambda *a: answers.append(a), 'req', old)
+    assert wait_for(lambda: answers)
+    assert answers[0][0] == LeaseOutcome.UNAVAILABLE
+    time.sleep(0.3)  # a create, had one been sent, is applied by now
+    assert leases.client.exists(f'{namespace}/k-1') is None, 'created under the new session'

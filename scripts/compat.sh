@@ -1,0 +1,28 @@
+#!/bin/sh
+# The compatibility run: the integration subset that covers the gate, the release
+# paths, session loss and the CLI, on each older Celery/kombu/kazoo the README claims
+# (the newest runs in `make test` itself). One virtualenv per version set, in
+# .venv-compat/, rebuilt only when setup.py changes.
+#
+#   sh scripts/compat.sh CELERY:KOMBU:KAZOO ...      e.g. 5.3.6:5.3.7:2.9.0
+set -eu
+
+PYTHON3=${PYTHON3:-python3}
+SUBSET="integration/test_gate.py integration/test_release.py integration/test_exclusion.py
+        integration/test_command.py integration/test_faults.py::test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire
+        integration/test_faults.py::test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_it
+        integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing"
+
+for spec in "$@"; do
+    celery=${spec%%:*}; rest=${spec#*:}; kombu=${rest%%:*}; kazoo=${rest#*:}
+    venv=.venv-compat/celery-$celery
+    if [ ! -f "$venv/.installed" ] || [ setup.py -nt "$venv/.installed" ]; then
+        rm -rf "$venv"
+        $PYTHON3 -m venv "$venv"
+        "$venv/bin/pip" install -q -e '.[test]' "celery==$celery" "kombu==$kombu" "kazoo==$kazoo"
+        touch "$venv/.installed"
+    fi
+    echo "== compat: $("$venv/bin/python" -c 'import sys, celery, kombu, kazoo; print("Python %d.%d.%d" % sys.version_info[:3], "celery", celery.__version__, "kombu", kombu.__version__, "kazoo", kazoo.version.__version__)')"
+    # shellcheck disable=SC2086
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider $SUBSET
+done
