@@ -201,15 +201,23 @@ class Holders:
     def _kill(self, req: Any, lease: Lease) -> None:
         """SIGKILL the pool process running ``req`` (cannot be caught).
 
-        Through ``Request.cancel``, as Celery does on a lost broker connection:
-        the pool reports the end as cancelled, so nothing else is stored or
-        acked, and the lease is released once the process has exited.
+        Marked first, so the pool's report of the lost process reaches no
+        Celery handler (see request_end.py): nothing else is stored or acked;
+        the caller already handed the message back or stored the outcome. Not
+        through ``Request.cancel``, whose signature and side effects differ
+        between Celery versions (before 5.7 it always stores a RETRY state). The lease
+        is released once the process has exited.
         """
-        try:
-            req.cancel(self.c.pool, signal='SIGKILL', emit_retry=False)
-        except Exception as exc:
-            logger.error('mutex: could not kill pool process %s: %r', req.worker_pid, exc)
-        self.release_after_exit(req, lease)
+        pid = holder_pid(req)
+        req._mutex_killed = True
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except OSError as exc:
+                logger.error('mutex: could not kill pool process %s: %r', pid, exc)
+        self.release_after_exit(req, lease, pid)
 
     def session_lost(self, stopped: list) -> None:
         """Bookkeeping after :mod:`.stopping` killed the holders of a lost
