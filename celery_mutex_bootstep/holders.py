@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state

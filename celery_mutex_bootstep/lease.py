@@ -40,12 +40,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import ConnectionLoss, NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import ConnectionLoss
 from kazoo.retry import KazooRetry
 
+from .creates import CreateBatcher
+from .deletes import DeleteBatcher
+from .orphans import OrphanReaper
+from .outcome import LeaseOutcome
+from .probe import probe_namespace
 from .session import SessionDeadline
 
 __all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
@@ -58,14 +63,6 @@ kazoo_logger = logging.getLogger('celery_mutex_bootstep.kazoo')
 if kazoo_logger.level == logging.NOTSET:
     kazoo_logger.setLevel(logging.ERROR)
 
-
-_MAX_BATCH = 100
-
-
-class LeaseOutcome:
-    ACQUIRED = 'acquired'
-    CONTENDED = 'contended'
-    UNAVAILABLE = 'unavailable'
 
 
 class Lease:
@@ -140,23 +137,20 @@ class ZooKeeperLeases:
         )
         self._lock = threading.Lock()
         self._held: Dict[str, Lease] = {}
-        # (path, session id) pairs whose create or delete reply was lost.
-        self._orphans: Set[Tuple[str, int]] = set()
         self._session_id: Optional[int] = None
         # Set when this session may not create or read leases (ACLs).
         self.access_error: Optional[str] = None
         self._connected = False
         self._started = False
-        # Releases queue here while a batch of deletes is in flight.
-        self._to_delete: List[Lease] = []
-        self._deleting = False
         self.stats = {'creates': 0, 'create_batches': 0, 'deletes': 0, 'delete_batches': 0,
                       'watches': 0}
         # Acquisitions asked for in one turn of the caller's loop go out as
-        # one multi: ``schedule(fn)`` runs fn once the turn is over.
-        self._schedule = schedule
-        self._to_create: List[tuple] = []
-        # This session's clock node: a multi of creates ends with a setData on
+        # one multi (creates.py); releases are batched (deletes.py); lost
+        # replies are reaped (orphans.py).
+        self.creates = CreateBatcher(self, schedule)
+        self.deletes = DeleteBatcher(self)
+        self.orphans = OrphanReaper(self)
+        # This session's clock node (probe.py): a multi of creates ends with a setData on
         # it, whose answer (mzxid) is the creation zxid of the whole batch.
         self._clock: Optional[Tuple[str, int]] = None
         self.disconnected_since: Optional[float] = time.monotonic()
@@ -219,102 +213,9 @@ class ZooKeeperLeases:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
-        clock = self._clock
-        if (self._schedule is not None and len(keys) == 1 and clock is not None
-                and clock[1] == session_id):
-            self._to_create.append((list(keys), data, callback, owner, session_id))
-            if len(self._to_create) == 1:
-                self._schedule(self._send_creates)
+        if len(keys) == 1 and self.creates.add((list(keys), data, callback, owner, session_id)):
             return
-        self._try_create(list(keys), 0, data, callback, owner, session_id)
-
-    def _send_creates(self) -> None:
-        """Send the acquisitions gathered in this turn (caller's thread)."""
-        batch, self._to_create = self._to_create[:_MAX_BATCH], self._to_create[_MAX_BATCH:]
-        if self._to_create:
-            self._schedule(self._send_creates)
-        paths = [self.path_for(item[0][0]) for item in batch]
-        clock = self._clock
-        if (len(batch) == 1 or len(set(paths)) != len(paths) or clock is None
-                or any(item[4] != clock[1] for item in batch)):
-            for item in batch:
-                self._try_create(item[0], 0, *item[1:])
-            return
-        try:
-            tx = self.client.transaction()
-            for path, item in zip(paths, batch):
-                tx.create(path, item[1], ephemeral=True)
-            tx.set_data(clock[0], b'')
-            async_result = tx.commit_async()
-        except Exception:
-            for item in batch:
-                self._try_create(item[0], 0, *item[1:])
-            return
-        self.stats['creates'] += len(batch)
-        self.stats['create_batches'] += 1
-        sent_at = time.monotonic()
-
-        def created(result: Any) -> None:
-            try:
-                answers = result.get_nowait()
-            except ConnectionLoss as exc:
-                self._add_orphans([(p, item[4]) for p, item in zip(paths, batch)])
-                for item in batch:
-                    item[2](LeaseOutcome.UNAVAILABLE, None, exc)
-                return
-            except Exception:
-                answers = None
-            if (not isinstance(answers, list) or len(answers) != len(batch) + 1
-                    or any(isinstance(a, Exception) for a in answers)):
-                # One key was held (or the clock gone): the multi did nothing,
-                # it is atomic; ask key by key.
-                for item in batch:
-                    self._try_create(item[0], 0, *item[1:])
-                return
-            self.deadline.acked(sent_at)
-            stat = answers[-1]  # every node of the batch was created at its mzxid
-            for item, full in zip(batch, paths):
-                self._granted(full, item[0][0], stat.ephemeralOwner, stat.mzxid,
-                              item[2], item[3])
-
-        async_result.rawlink(created)
-
-    def _try_create(self, keys: List[str], i: int, data: bytes, callback: Callback,
-                    owner: Any, session_id: Optional[int]) -> None:
-        key = keys[i]
-        path = self.path_for(key)
-        if session_id != self._session_id or not self.connected:
-            # Asked for under a session given up since (a next slot, a batch
-            # fallback): sending it now would create under the new session
-            # a node recorded under the old one.
-            callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('session changed'))
-            return
-        try:
-            async_result = self.client.create_async(
-                path, data, ephemeral=True, makepath=True, include_data=True)
-        except Exception as exc:  # closed client, bad state
-            callback(LeaseOutcome.UNAVAILABLE, None, exc)
-            return
-        self.stats['creates'] += 1
-        sent_at = time.monotonic()
-
-        def created(result: Any) -> None:
-            try:
-                _, stat = result.get_nowait()
-                self.deadline.acked(sent_at)
-            except NodeExistsError:
-                if i + 1 < len(keys):
-                    return self._try_create(keys, i + 1, data, callback, owner, session_id)
-                return callback(LeaseOutcome.CONTENDED, None, None)
-            except ConnectionLoss as exc:
-                # The create may have been applied: reap it on reconnect.
-                self._add_orphans([(path, session_id)])
-                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
-            except Exception as exc:
-                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
-            self._granted(path, key, stat.ephemeralOwner, stat.czxid, callback, owner)
-
-        async_result.rawlink(created)
+        self.creates.try_create(list(keys), 0, data, callback, owner, session_id)
 
     def _granted(self, path: str, key: str, session_id: int, token: int,
                  callback: Callback, owner: Any) -> None:
@@ -368,64 +269,8 @@ class ZooKeeperLeases:
             same_session = (lease.session_id == self._session_id and not lease.lost)
         if not same_session:
             return True  # gone with its session; the path may be someone else's now
-        with self._lock:
-            self._to_delete.append(lease)
-            if self._deleting:
-                return True  # the batch in flight sends this one when it returns
-            self._deleting = True
-        self._send_deletes()
+        self.deletes.queue(lease)
         return True
-
-    def _send_deletes(self) -> None:
-        """Send every queued release, batched in one transaction.
-
-        While a batch is in flight new releases accumulate, so a busy worker
-        sends few large batches and an idle one single deletes at once.
-        """
-        with self._lock:
-            batch, self._to_delete = self._to_delete, []
-            session_id = self._session_id
-            if not batch:
-                self._deleting = False
-                return
-            batch = [lease for lease in batch
-                     if lease.session_id == session_id and not lease.lost]
-        if not batch:
-            return self._send_deletes()
-        self.stats['deletes'] += len(batch)
-        self.stats['delete_batches'] += 1
-        try:
-            if len(batch) == 1:
-                async_result = self.client.delete_async(batch[0].path)
-            else:
-                tx = self.client.transaction()
-                for lease in batch:
-                    tx.delete(lease.path)
-                async_result = tx.commit_async()
-        except Exception:
-            logger.exception('mutex: could not release %d lease(s)', len(batch))
-            return self._send_deletes()
-
-        def deleted(result: Any) -> None:
-            try:
-                outcome = result.get_nowait()
-            except NoNodeError:
-                pass
-            except ConnectionLoss:
-                self._add_orphans([(lease.path, lease.session_id) for lease in batch])
-            except Exception as exc:
-                logger.warning('mutex: release of %s failed: %r',
-                               ', '.join(lease.path for lease in batch), exc)
-            else:
-                if isinstance(outcome, list) and any(isinstance(r, Exception) for r in outcome):
-                    # One failed delete (a node removed by hand) rolled the
-                    # whole batch back: send those one by one.
-                    for lease, r in zip(batch, outcome):
-                        if not isinstance(r, NoNodeError):
-                            self.client.delete_async(lease.path)
-            self._send_deletes()
-
-        async_result.rawlink(deleted)
 
     # -- session events ----------------------------------------------------
 
@@ -444,8 +289,8 @@ class ZooKeeperLeases:
             # The server accepted the session after the connect was sent.
             if self.deadline.connect_sent_at is not None:
                 self.deadline.acked(self.deadline.connect_sent_at)
-            self.client.handler.spawn(self._reap_orphans)
-            self._probe(session_id)
+            self.client.handler.spawn(self.orphans.reap)
+            probe_namespace(self, session_id)
             name = 'connected'
         elif state == KazooState.SUSPENDED:
             with self._lock:
@@ -460,7 +305,7 @@ class ZooKeeperLeases:
                 if self.disconnected_since is None:
                     self.disconnected_since = time.monotonic()
                 lost = self._drop_all_locked()
-                self._orphans.clear()
+                self.orphans.clear()
             name = 'lost'
         if lost and self.on_lost:
             self.on_lost(lost, None)  # expired already: kill at once, no wait
@@ -487,7 +332,7 @@ class ZooKeeperLeases:
             if self.disconnected_since is None:
                 self.disconnected_since = time.monotonic()
             lost = self._drop_all_locked()
-            self._orphans.clear()
+            self.orphans.clear()
         logger.error('mutex: no answer from ZooKeeper (%s) within the session deadline '
                      '(negotiated timeout %.1fs, margin %.1fs): treating the session as '
                      'lost', self.hosts, self.deadline.negotiated_timeout, self.deadline.margin)
@@ -508,105 +353,3 @@ class ZooKeeperLeases:
             lease.lost = True
         self._held.clear()
         return lost
-
-    def _probe(self, session_id: Optional[int]) -> None:
-        """Check once per session that we may create and read in the namespace.
-
-        Digest credentials are accepted at connect whatever they are; only an
-        operation tells whether the namespace's ACL lets us in. The answer is
-        logged once, not once per task.
-        """
-        path = f'{self.namespace}/.clock-{session_id or 0:x}'
-
-        def refused(what: str) -> None:
-            self.access_error = (
-                f'this worker may not {what} under {self.namespace} in ZooKeeper (the '
-                f'namespace ACL refuses its credentials: check mutex_auth / --mutex-auth)')
-            logger.error('mutex: %s; guarded tasks will not run and go back to the '
-                         'broker', self.access_error)
-
-        def listed(result: Any) -> None:
-            try:
-                result.get_nowait()
-            except NoAuthError:
-                return refused('list leases')
-            except Exception:
-                return
-            self.access_error = None
-            self.client.get_acls_async(self.namespace).rawlink(checked_acl)
-
-        def checked_acl(result: Any) -> None:
-            try:
-                acls, _ = result.get_nowait()
-            except Exception:
-                return
-            open_ = [a for a in acls if a.id.scheme == 'world' and a.perms & 8]
-            if open_:
-                logger.warning('mutex: the namespace %s lets anyone delete leases (ACL '
-                               'world:anyone); set mutex_auth so the step protects the '
-                               'nodes it creates', self.namespace)
-
-        def created(result: Any) -> None:
-            try:
-                result.get_nowait()
-            except NoAuthError:
-                return refused('create leases')
-            except NodeExistsError:
-                pass
-            except Exception:
-                return
-            if session_id is not None:
-                self._clock = (path, session_id)
-            self.client.get_children_async(self.namespace).rawlink(listed)
-
-        try:
-            self.client.create_async(path, b'', ephemeral=True, makepath=True).rawlink(created)
-        except Exception:
-            pass
-
-    def _add_orphans(self, orphans: List[Tuple[str, Optional[int]]]) -> None:
-        """Nodes this session may own though no reply said so (lost replies)."""
-        with self._lock:
-            self._orphans.update((p, sid) for p, sid in orphans if sid is not None)
-            connected = self._connected
-        if connected:  # the reconnect's reaper may already have run
-            self.client.handler.spawn(self._reap_orphans)
-
-    def _reap_orphans(self) -> None:
-        """Delete nodes this session owns but no lease holds (lost replies).
-
-        An orphan is forgotten only once its delete is confirmed (or the node
-        turns out not to be ours); otherwise the next reconnect tries again.
-        """
-        with self._lock:
-            session_id = self._session_id
-            self._orphans = {(p, s) for p, s in self._orphans if s == session_id}
-            todo = [p for p, _ in self._orphans]
-        for path in todo:
-            self.client.exists_async(path).rawlink(
-                lambda result, path=path: self._reap_one(path, session_id, result))
-
-    def _reap_one(self, path: str, session_id: Optional[int], result: Any) -> None:
-        try:
-            stat = result.get_nowait()
-        except Exception:
-            return  # still disconnected: the next CONNECTED retries
-        with self._lock:
-            ours = (stat is not None and stat.ephemeralOwner == session_id
-                    and path not in self._held and self._session_id == session_id)
-            if not ours:
-                self._orphans.discard((path, session_id))
-        if not ours:
-            return
-        logger.info('mutex: deleting %s, left by a request whose reply was lost', path)
-
-        def deleted(result: Any) -> None:
-            try:
-                result.get_nowait()
-            except NoNodeError:
-                pass
-            except Exception:
-                return  # kept: retried on the next CONNECTED
-            with self._lock:
-                self._orphans.discard((path, session_id))
-        self.client.delete_async(path).rawlink(deleted)

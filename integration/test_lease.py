@@ -189,7 +189,7 @@ def test_a_next_slot_asked_for_under_a_session_given_up_is_not_created_on_the_ne
     leases._give_up()  # the session deadline passed: closed and replaced
     assert wait_for(lambda: leases.connected and leases.session_id not in (None, old), 20)
     answers = []
-    leases._try_create(['k-1'], 0, b'{}', lambda *a: answers.append(a), 'req', old)
+    leases.creates.try_create(['k-1'], 0, b'{}', lambda *a: answers.append(a), 'req', old)
     assert wait_for(lambda: answers)
     assert answers[0][0] == LeaseOutcome.UNAVAILABLE
     time.sleep(0.3)  # a create, had one been sent, is applied by now

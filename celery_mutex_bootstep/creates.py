@@ -1,0 +1,135 @@
+"""Acquiring leases: their creates, gathered per turn of the caller's loop.
+
+Acquisitions asked for in one turn of the consumer's loop go out as one
+``multi`` of ephemeral creates that ends with a ``setData`` on the session's
+clock node; every op of a multi shares one zxid, so the clock's new mzxid is
+the creation zxid (the fencing token) of every node of the batch. A multi is
+atomic: if one key is held nothing is created, and the batch is asked for
+again key by key. A semaphore's slots are tried one after the other. A request
+asked for under a session given up since is not sent on the next one.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List, Optional
+
+from kazoo.exceptions import ConnectionLoss, NodeExistsError
+
+from .outcome import LeaseOutcome
+
+__all__ = ('CreateBatcher', 'MAX_BATCH')
+
+Callback = Callable[[str, Any, Optional[BaseException]], None]
+
+MAX_BATCH = 100
+
+
+class CreateBatcher:
+    """The creates of one :class:`~.lease.ZooKeeperLeases`."""
+
+    def __init__(self, leases: Any, schedule: Optional[Callable[[Callable[[], None]], Any]]
+                 ) -> None:
+        self.leases = leases
+        # ``schedule(fn)`` runs fn once the caller's turn is over.
+        self._schedule = schedule
+        self._to_create: List[tuple] = []
+
+    def add(self, item: tuple) -> bool:
+        """Gather ``(keys, data, callback, owner, session id)`` for this turn's
+        multi; False when it must go out alone (no scheduler, no clock yet)."""
+        clock = self.leases._clock
+        if self._schedule is None or clock is None or clock[1] != item[4]:
+            return False
+        self._to_create.append(item)
+        if len(self._to_create) == 1:
+            self._schedule(self._send)
+        return True
+
+    def _send(self) -> None:
+        """Send the acquisitions gathered in this turn (caller's thread)."""
+        batch, self._to_create = self._to_create[:MAX_BATCH], self._to_create[MAX_BATCH:]
+        if self._to_create:
+            self._schedule(self._send)
+        paths = [self.leases.path_for(item[0][0]) for item in batch]
+        clock = self.leases._clock
+        if (len(batch) == 1 or len(set(paths)) != len(paths) or clock is None
+                or any(item[4] != clock[1] for item in batch)):
+            for item in batch:
+                self.try_create(item[0], 0, *item[1:])
+            return
+        try:
+            tx = self.leases.client.transaction()
+            for path, item in zip(paths, batch):
+                tx.create(path, item[1], ephemeral=True)
+            tx.set_data(clock[0], b'')
+            async_result = tx.commit_async()
+        except Exception:
+            for item in batch:
+                self.try_create(item[0], 0, *item[1:])
+            return
+        self.leases.stats['creates'] += len(batch)
+        self.leases.stats['create_batches'] += 1
+        sent_at = time.monotonic()
+
+        def created(result: Any) -> None:
+            try:
+                answers = result.get_nowait()
+            except ConnectionLoss as exc:
+                self.leases.orphans.add([(p, item[4]) for p, item in zip(paths, batch)])
+                for item in batch:
+                    item[2](LeaseOutcome.UNAVAILABLE, None, exc)
+                return
+            except Exception:
+                answers = None
+            if (not isinstance(answers, list) or len(answers) != len(batch) + 1
+                    or any(isinstance(a, Exception) for a in answers)):
+                # One key was held (or the clock gone): the multi did nothing,
+                # it is atomic; ask key by key.
+                for item in batch:
+                    self.try_create(item[0], 0, *item[1:])
+                return
+            self.leases.deadline.acked(sent_at)
+            stat = answers[-1]  # every node of the batch was created at its mzxid
+            for item, full in zip(batch, paths):
+                self.leases._granted(full, item[0][0], stat.ephemeralOwner, stat.mzxid,
+                              item[2], item[3])
+
+        async_result.rawlink(created)
+
+    def try_create(self, keys: List[str], i: int, data: bytes, callback: Callback,
+                    owner: Any, session_id: Optional[int]) -> None:
+        key = keys[i]
+        path = self.leases.path_for(key)
+        if session_id != self.leases._session_id or not self.leases.connected:
+            # Asked for under a session given up since (a next slot, a batch
+            # fallback): sending it now would create under the new session
+            # a node recorded under the old one.
+            callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('session changed'))
+            return
+        try:
+            async_result = self.leases.client.create_async(
+                path, data, ephemeral=True, makepath=True, include_data=True)
+        except Exception as exc:  # closed client, bad state
+            callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            return
+        self.leases.stats['creates'] += 1
+        sent_at = time.monotonic()
+
+        def created(result: Any) -> None:
+            try:
+                _, stat = result.get_nowait()
+                self.leases.deadline.acked(sent_at)
+            except NodeExistsError:
+                if i + 1 < len(keys):
+                    return self.try_create(keys, i + 1, data, callback, owner, session_id)
+                return callback(LeaseOutcome.CONTENDED, None, None)
+            except ConnectionLoss as exc:
+                # The create may have been applied: reap it on reconnect.
+                self.leases.orphans.add([(path, session_id)])
+                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            except Exception as exc:
+                return callback(LeaseOutcome.UNAVAILABLE, None, exc)
+            self.leases._granted(path, key, stat.ephemeralOwner, stat.czxid, callback, owner)
+
+        async_result.rawlink(created)
+
