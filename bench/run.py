@@ -45,6 +45,7 @@ FULL = dict(
     noop_n=2000, noop_warmup=200,
     sleep_n=500, sleep_d=0.01, sleep_warmup=50,
     keys=4, per_key=20, dur=0.1, contended_reps=3,
+    backlog=100, backlog_dur=0.05, backlog_reps=3,
     hold=5.0, waiters=3,
 )
 QUICK = dict(
@@ -52,6 +53,7 @@ QUICK = dict(
     noop_n=300, noop_warmup=50,
     sleep_n=100, sleep_d=0.01, sleep_warmup=20,
     keys=2, per_key=6, dur=0.1, contended_reps=1,
+    backlog=20, backlog_dur=0.05, backlog_reps=1,
     hold=2.0, waiters=3,
 )
 
@@ -497,9 +499,9 @@ class Bench:
 
     # -- row 2: contended keys ----------------------------------------------------
 
-    def contended_phase(self, workers, task, tag):
+    def contended_phase(self, workers, task, tag, keys=None, per_key=None, dur=None):
         p = self.p
-        k, t, d = p['keys'], p['per_key'], p['dur']
+        k, t, d = keys or p['keys'], per_key or p['per_key'], dur or p['dur']
         q = self.new_queue(tag)
         args = [('%s-k%d' % (tag, key), d) for _ in range(t) for key in range(k)]
         self.publish(q, task, args)
@@ -568,6 +570,27 @@ class Bench:
                     self.notes.append('%s rep %d: %d overlapping executions of one key!' % (
                         label, rep, r['overlaps']))
         return workers, out
+
+    # -- row 2c: a backlog on one key -------------------------------------------------
+
+    def row_backlog(self, worker):
+        """n tasks of duration D queued on one key, one worker -c 4: the physical
+        limit is n x D; what is over it is the handover."""
+        p = self.p
+        n, d = p['backlog'], p['backlog_dur']
+        log('row 2c: %d tasks x %.2f s on one key, 1 worker -c 4' % (n, d))
+        out = {'inpool': [], 'gate': []}
+        for rep in range(p['backlog_reps']):
+            for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate')):
+                r = self.contended_phase([worker], task, 'backlog-%s-r%d' % (label, rep),
+                                         keys=1, per_key=n, dur=d)
+                out[label].append(r)
+                log('  %-6s rep %d: drain %.2f s (limit %.2f), gap median %.1f ms' % (
+                    label, rep, r['drain'], n * d, median(r['gaps']) * 1000))
+                if r['overlaps']:
+                    self.notes.append('backlog %s rep %d: %d overlapping executions!' % (
+                        label, rep, r['overlaps']))
+        return out
 
     # -- row 3: hot key -------------------------------------------------------------
 
@@ -676,6 +699,7 @@ class Bench:
         if profile:
             res['profile'] = self.profile()
         workers, res['contended'] = self.row_contended()
+        res['backlog'] = self.row_backlog(workers[0])
         res['hot'] = self.row_hot(workers[0])
         return res
 
@@ -885,6 +909,25 @@ def build_rows(res, p):
         sc = median([r['cpu'] for r in s])
         rows.append((row, 'CPU of both worker trees, s', '', fmt(bc), fmt(sc),
                      'in-pool / gate %s' % fmt(bc / max(sc, 1.0 / CLK_TCK), 1)))
+
+    # -- row 2c
+    bl = res['backlog']
+    n_bl, d_bl = p['backlog'], p['backlog_dur']
+    limit_bl = n_bl * d_bl
+    rows.append(('2c', SECTION, 'Backlog on one key: %d tasks x %.0f ms queued for one key, '
+                 '1 worker -c 4 (physical limit n x D = %.1f s)' % (n_bl, d_bl * 1000, limit_bl)))
+    bd, sd = median(drains(bl['inpool'])), median(drains(bl['gate']))
+    rows.append(('2c', 'drain time, s (x physical limit)', '',
+                 '%s (%.2fx)' % (fmt(bd), bd / limit_bl), '%s (%.2fx)' % (fmt(sd), sd / limit_bl),
+                 'in-pool / gate %s' % fmt(bd / sd)))
+    bg = [g for r in bl['inpool'] for g in r['gaps']]
+    sg = [g for r in bl['gate'] for g in r['gaps']]
+    rows.append(('2c', 'handover (end of one to start of the next), median / p99, ms', '',
+                 '%s / %s' % (fmt(median(bg) * 1000, 1), fmt(pct(bg, 99) * 1000, 1)),
+                 '%s / %s' % (fmt(median(sg) * 1000, 1), fmt(pct(sg, 99) * 1000, 1)), ''))
+    rows.append(('2c', 'broker redeliveries', '',
+                 med(bl['inpool'], lambda r: r['deliveries'] - r['published']),
+                 med(bl['gate'], lambda r: r['deliveries'] - r['published']), ''))
 
     # -- row 3
     h = res['hot']

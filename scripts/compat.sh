@@ -16,13 +16,24 @@ SUBSET="integration/test_gate.py integration/test_release.py integration/test_ex
 for spec in "$@"; do
     celery=${spec%%:*}; rest=${spec#*:}; kombu=${rest%%:*}; kazoo=${rest#*:}
     venv=.venv-compat/celery-$celery
-    if [ ! -f "$venv/.installed" ] || [ setup.py -nt "$venv/.installed" ]; then
+    if [ ! -f "$venv/.installed" ] || [ setup.py -nt "$venv/.installed" ] ||
+            [ "$(cat "$venv/.spec" 2>/dev/null)" != "$spec" ]; then
         rm -rf "$venv"
         $PYTHON3 -m venv "$venv"
-        "$venv/bin/pip" install -q -e '.[test]' "celery==$celery" "kombu==$kombu" "kazoo==$kazoo"
+        # redis as those Celery versions pin it (celery[redis]): the tests' result
+        # backend hangs in pubsub with a newer one.
+        "$venv/bin/pip" install -q -e '.[test]' "celery==$celery" "kombu==$kombu" \
+            "kazoo==$kazoo" 'redis>=4.5.2,<5.3'
+        echo "$spec" > "$venv/.spec"
         touch "$venv/.installed"
     fi
     echo "== compat: $("$venv/bin/python" -c 'import sys, celery, kombu, kazoo; print("Python %d.%d.%d" % sys.version_info[:3], "celery", celery.__version__, "kombu", kombu.__version__, "kazoo", kazoo.version.__version__)')"
+    skip=
+    case $celery in
+        # Celery before 5.5 cannot consume from a quorum queue at all (it asks for a
+        # global QoS, which quorum queues refuse): nothing of the step's to test there.
+        5.3.*|5.4.*) skip="--deselect integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing" ;;
+    esac
     # shellcheck disable=SC2086
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider $SUBSET
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider $SUBSET $skip
 done
