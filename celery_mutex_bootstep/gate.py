@@ -294,8 +294,11 @@ class MutexGate:
 
         def check() -> None:
             self._revoke_timer = None
-            for held in list(self.room):
-                if held.req.id in worker_state.revoked or held.req.expires:
+            # Request.revoked() checks ids, stamped headers and expiry, and
+            # announces the revoke; ask it only when something can be revoked.
+            if (worker_state.revoked or getattr(worker_state, 'revoked_stamps', None)
+                    or any(h.req.expires for h in self.room)):
+                for held in list(self.room):
                     if held.req.revoked():
                         self.room.leave(held)
             self._poll_revoked()

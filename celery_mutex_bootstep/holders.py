@@ -128,6 +128,7 @@ class Holders:
     def _started(self, req: Any, lease: Lease) -> None:
         # The pool's thread. A lease lost before the pool started the task
         # (the session ended while it sat in the pool's queue): stop it now.
+        req._mutex_started = time.monotonic()
         if lease.lost:
             self.post(self.stop_holder, req, lease, 'its lease was lost before it started')
         elif req.__dict__.get('_mutex_release_requested'):
@@ -169,10 +170,11 @@ class Holders:
         self._sweep_timer = None
         if not self._granted:
             return
-        now = time.time()
+        # Durations on the monotonic clock: an NTP step must not kill holders.
+        now = time.monotonic()
         for lease, req in list(self._granted.items()):
             policy = self._policy_of.get(lease)
-            started = req.time_start
+            started = req.__dict__.get('_mutex_started')
             if (policy is not None and started and not lease.released
                     and now - started > policy.timeout
                     and not req.__dict__.get('_mutex_overran')):

@@ -228,8 +228,9 @@ class MutexSettings:
                              else _number(session_timeout, st_source)),
             timeout=(DEFAULT_TIMEOUT if timeout is None
                      else _number(timeout, 'app config mutex_timeout')),
+            # 0 would hand a contended message back at once: a broker hot loop.
             requeue_delay=(DEFAULT_REQUEUE_DELAY if delay is None else _number(
-                delay, 'app config mutex_requeue_delay', allow_equal=True)),
+                delay, 'app config mutex_requeue_delay')),
             max_held=(DEFAULT_MAX_HELD if max_held is None
                       else _integer(max_held, 'app config mutex_max_held', minimum=0)),
             store_values=bool(conf.get('mutex_store_values', True)),
@@ -361,7 +362,7 @@ def policy_for_task(task: Any, settings: MutexSettings) -> Optional[MutexPolicy]
         timeout, f'task {name!r}: option mutex_timeout')
     delay = getattr(task, 'mutex_requeue_delay', None)
     delay = settings.requeue_delay if delay is None else _number(
-        delay, f'task {name!r}: option mutex_requeue_delay', allow_equal=True)
+        delay, f'task {name!r}: option mutex_requeue_delay')
     contended = _contended(getattr(task, 'mutex_contended', None),
                            getattr(task, 'mutex_requeue', None),
                            f'task {name!r}: option mutex_contended') or settings.contended

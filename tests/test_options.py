@@ -84,7 +84,8 @@ def test_mutex_name_shares_a_mutex(app):
     (dict(mutex=True, mutex_timeout=-1), 'option mutex_timeout must be > 0'),
     (dict(mutex=True, mutex_timeout='soon'), 'option mutex_timeout must be a number of seconds'),
     (dict(mutex=True, mutex_timeout=True), 'option mutex_timeout must be a number of seconds'),
-    (dict(mutex=True, mutex_requeue_delay=-0.5), 'option mutex_requeue_delay must be >= 0'),
+    (dict(mutex=True, mutex_requeue_delay=-0.5), 'option mutex_requeue_delay must be > 0'),
+    (dict(mutex=True, mutex_requeue_delay=0), 'option mutex_requeue_delay must be > 0'),
     (dict(mutex=True, mutex_name=''), 'option mutex_name must be a non-empty string'),
     (dict(mutex='yes'), 'option mutex must be True or False'),
 ])
@@ -185,3 +186,8 @@ def test_tasks_sharing_a_mutex_name_with_one_limit_are_accepted(app):
     def b(a):
         pass
     checked(app, a, b)
+
+
+def test_app_wide_requeue_delay_of_zero_is_refused():
+    with pytest.raises(MutexConfigError, match='app config mutex_requeue_delay must be > 0'):
+        settings(mutex_requeue_delay=0)
