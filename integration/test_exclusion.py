@@ -195,3 +195,37 @@ def test_operator_release_of_a_holder_not_started_yet_waits_until_it_is_dead(
     assert_no_overlap(runs, watch, time.time())
     parked_runs = [r for r in runs if r.id == parked.id]
     assert all(r.end is None for r in parked_runs), 'the released holder was stopped'
+
+
+def test_quorum_delivery_count_rule_applies_when_a_lost_holder_is_handed_back(
+        zk_factory, proxies, watch_factory, scenario_for):
+    """An unacknowledged (acks_late) holder stopped on session loss goes back by
+    republish, not requeue, once its quorum queue counted mutex_republish_after
+    deliveries: another requeue could let the delivery limit drop it."""
+    s = scenario_for('rabbitmq')
+    s.queue = s.queue + '-qq'
+    s.client.conf.task_default_queue = s.queue
+    s.records.name = s.queue
+    from kombu import Queue
+    s.client.conf.task_queues = [Queue(s.queue, queue_arguments={
+        'x-queue-type': 'quorum', 'x-delivery-limit': 3})]
+    node = zk_factory(max_session_timeout=4000)
+    s.zk_hosts = node.hosts
+    zk_proxy = proxies(('127.0.0.1', node.client_port))
+    env = {'TEST_QUEUE_TYPE': 'quorum', 'TEST_DELIVERY_LIMIT': '3',
+           'TEST_REPUBLISH_AFTER': '1'}
+    a = s.worker('a', concurrency=2, hosts=zk_proxy.hosts, extra_args=session_args(), env=env)
+    watch = watch_factory(s)
+    # Delivered before (as a message that waited for its key would have been).
+    holder = s.send('work_late', 'qq', 8.0, 0, headers={'x-delivery-count': 2})
+    wait_for(lambda: _started(s, {holder.id}), message='the holder started on a')
+    seen = s.records.executions()[0]
+    t_cut = time.time()
+    zk_proxy.stall()
+    wait_for(lambda: watch.died_at(seen.pid), timeout=30, message='the holder was killed')
+    zk_proxy.resume()
+    runs = wait_completed(s, [holder], timeout=60, workers=[a])
+    assert_no_overlap(runs, watch, time.time(), t0=t_cut)
+    from .test_contention import mutex_info
+    counters = mutex_info(s, a)['counters']
+    assert counters['republished'] >= 1, counters
