@@ -18,8 +18,8 @@ import uuid
 from kazoo.client import KazooClient
 from kazoo.security import make_digest_acl
 
-from celery_mutex_bootstep.processes import process_alive
 
+from .procs import running
 from .scenario import APP, wait_for
 from .workers import REPO_ROOT, worker_env
 
@@ -130,13 +130,13 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     forced = mutex_cli(s, 'release', '--force', '--yes', path)
     assert forced.returncode != 0
     assert 'held by the live worker' in forced.stderr and 'without --force' in forced.stderr
-    assert s.zk.exists(path) and process_alive(run.pid)
+    assert s.zk.exists(path) and running(run.pid)
 
     released = mutex_cli(s, 'release', path.rsplit('/', 1)[1][:12], '--yes')
     assert released.returncode == 0, released.stdout + released.stderr
     assert f'released {path}' in released.stdout and f'killed {APP}.work[{h.id}]' in released.stdout
     assert not s.zk.exists(path)
-    assert not process_alive(run.pid), 'the lease was freed while its task could run'
+    assert not running(run.pid), 'the lease was freed while its task could run'
     wait_for(lambda: h.state == 'REVOKED', timeout=15, message='REVOKED state')
     assert s.records.executions()[0].end is None, 'the killed task finished'
     # The key is free: the next task on it runs, with a newer token.

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from .procs import running
 from .records import overlaps
 from .scenario import wait_for
 
@@ -94,8 +95,7 @@ def test_overrunning_task_is_killed_then_released(scenario):
         time.sleep(0.005)
     released_at = time.time()
     assert not s.zk.exists(path)
-    from celery_mutex_bootstep.processes import process_alive
-    assert not process_alive(run.pid), 'released while the task could still run'
+    assert not running(run.pid), 'released while the task could still run'
     assert released_at - run.start >= 1.5, 'not before its timeout'
     assert released_at - run.start < 10
     assert 'overran its mutex_timeout' in w.log_text()

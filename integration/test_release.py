@@ -110,5 +110,5 @@ def _plain_running(s):
 
 
 def _alive(pid):
-    from celery_mutex_bootstep.processes import process_alive
-    return process_alive(pid)
+    from .procs import running
+    return running(pid)
