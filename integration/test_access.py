@@ -62,12 +62,16 @@ def test_two_namespaces_never_contend(scenario):
     s = scenario
     # acks_late and prefetch 1: worker a holds one message, so b gets the next.
     s.worker('a', concurrency=1, env={'TEST_PREFETCH': '1'})
-    first = s.send('work_late', 'shared', 2.0, 0)
+    # The first holds long enough for b to start on a loaded machine; the
+    # check below fails (not passes) if it still ended before b's task began.
+    first = s.send('work_late', 'shared', 12.0, 0)
     wait_for(lambda: s.records.count('start') == 1, message='first holder')
     s.worker('b', concurrency=1, env={'TEST_PREFETCH': '1',
                                       'TEST_NAMESPACE': s.namespace + '-other'})
-    second = s.send('work_late', 'shared', 2.0, 1)
-    assert [first.get(timeout=20), second.get(timeout=20)] == [0, 1]
+    second = s.send('work_late', 'shared', 0.5, 1)
+    assert second.get(timeout=20) == 1
+    assert s.records.count('end') == 1, 'the second ran while the first still held its key'
+    assert first.get(timeout=20) == 0
     runs = s.records.executions()
     assert len(runs) == 2 and runs[0].worker != runs[1].worker
     assert overlaps(runs), 'each namespace granted its own lease at the same time'
