@@ -43,5 +43,7 @@ def make_app(name, *, queue, namespace):
         worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
         broker_connection_retry_on_startup=True,
         result_expires=3600,
+        # A test can let the worker take pickled messages (non-JSON arguments).
+        accept_content=os.environ.get('TEST_ACCEPT', 'json').split(','),
     )
     return app

@@ -218,3 +218,23 @@ def test_rate_limited_guarded_tasks(scenario):
     assert sorted(results(handles)) == [0, 1, 2, 3]
     runs = s.records.executions()
     assert len(runs) == 4 and overlaps(runs) == []
+
+
+def test_a_non_json_key_value_in_a_real_message_fails_once_and_is_not_requeued(scenario):
+    # A pickled message can carry a key value canonical JSON cannot encode.
+    s = scenario
+    w = s.worker('w1', concurrency=2, env={'TEST_ACCEPT': 'json,pickle',
+                                                 'C_FORCE_ROOT': '1'})  # CI runs as root
+    bad = s.send('work', {1, 2}, 0, 0, serializer='pickle')
+    with pytest.raises(Exception):
+        bad.get(timeout=20)
+    assert bad.state == 'FAILURE'
+    assert f'[{bad.id}] refused' in w.log_text()
+    assert s.send('work', 'ok', 0, 1).get(timeout=20) == 1, 'the worker survives'
+    w.stop()
+    assert len([x for x in w.log_text().splitlines()
+                if f'[{bad.id}] received' in x]) == 1, 'delivered once, never again'
+    assert [r for r in s.records.executions() if r.extra.get('seq') == 0] == []
+    with s.client.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(s.queue, passive=True)
+    assert count == 0, 'the bad message is not back in the queue'
