@@ -196,3 +196,43 @@ def test_quorum_queue_delivery_limit_loses_nothing(scenario_for):
     assert holder.get(timeout=30) == 0
     assert waiter.get(timeout=30) == 1, 'the waiter outlived the delivery limit'
     assert mutex_info(s, w)['counters']['republished'] >= 1
+
+
+def test_revoking_a_waiting_message_by_stamped_header_drops_it_while_the_key_is_held(scenario):
+    # `celery control revoke_by_stamped_headers` fills revoked_stamps, not the
+    # revoked ids: the waiter must still be dropped while it waits.
+    s = scenario
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('patient', 'rs', 8.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiter = s.send('patient', 'rs', 0, 1, stamped_headers=['batch'], batch='b-rs')
+    wait_for(lambda: mutex_info(s, w)['waiting'], message='waiter held')
+    s.client.control.revoke_by_stamped_headers({'batch': 'b-rs'})
+    wait_for(lambda: mutex_info(s, w)['waiting'] == [] or s.records.count('end'),
+             timeout=20, message='dropped or holder ended')
+    assert s.records.count('end') == 0, 'the stamped revoke was only seen once the key was freed'
+    assert mutex_info(s, w)['waiting'] == []
+    wait_for(lambda: 'Discarding revoked task' in w.log_text(), message='discard logged')
+    holder.get(timeout=20)
+    with s.client.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(s.queue, passive=True)
+    assert count == 0, 'the revoked message was requeued'
+    assert s.records.count('start') == 1, 'the revoked waiter ran'
+
+
+def test_a_waiting_message_is_redelivered_at_most_once_per_requeue_delay(scenario):
+    # README: a held key costs at most ~one redelivery per mutex_requeue_delay
+    # (0.2 s in the test apps) per waiting message. A slow machine only lowers
+    # the count, so the bound holds however loaded it is.
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    holder = s.send('work', 'rd', 3.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiter = s.send('work', 'rd', 0, 1)
+    assert waiter.get(timeout=30) == 1 and holder.get(timeout=30) == 0
+    runs = {r.extra['seq']: r for r in s.records.executions()}
+    held_for = runs[0].end - runs[0].start
+    deliveries = len([x for x in w.log_text().splitlines() if f'[{waiter.id}] received' in x])
+    print(f'held {held_for:.2f}s, waiter delivered {deliveries} times')
+    assert 1 <= deliveries <= held_for / 0.2 + 2
+    assert overlaps(list(runs.values())) == []
