@@ -831,3 +831,25 @@ def test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_i
     print(f'SIGCONT at {t_cont - t_reset:.3f}s')
     assert_no_overlap(runs, watch, test_end, t0=t_reset)
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+
+
+def test_on_session_loss_continue_lets_the_holder_finish(zk_factory, proxy_factory, scenario):
+    # mutex_on_session_loss='continue': a holder whose session is lost runs
+    # to its end (without exclusivity), is not killed and does not run again.
+    s = scenario
+    node = zk_factory()
+    s.zk_hosts = node.hosts
+    proxy = proxy_factory(node)
+    a = s.worker('a', concurrency=2, hosts=proxy.hosts,
+                 extra_args=session_args() + ['--mutex-on-session-loss', 'continue'])
+    h = s.send('work', 'cont', 2 * SESSION_TIMEOUT + 2, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    proxy.stall()
+    wait_for(lambda: log_lines(a, SESSION_GIVEN_UP), timeout=3 * SESSION_TIMEOUT,
+             message='session given up')
+    proxy.resume()
+    assert h.get(timeout=30) == 0
+    runs = s.records.executions()
+    assert len(runs) == 1 and runs[0].end is not None, 'it finished, once'
+    assert not log_lines(a, HOLDER_KILLED), mutex_log([a])
+    wait_for(lambda: s.lease_nodes() == [], timeout=15, message='no lease left')
