@@ -107,7 +107,11 @@ class Chaos:
             key = f'c{self.rnd.randrange(self.n_keys)}'
             # Mostly short tasks, and one in ten long enough (1-3 s) that a session
             # loss, which stops holders only at its deadline, still finds some running.
-            duration = (self.rnd.uniform(1.0, 3.0) if long or self.rnd.random() < 0.1
+            # The long wave before a fault outlives the session deadline (about
+            # 3/4 of SESSION_TIMEOUT after the fault starts), so a session loss
+            # always finds its holders running.
+            duration = (self.rnd.uniform(SESSION_TIMEOUT + 0.5, SESSION_TIMEOUT + 2.0) if long
+                        else self.rnd.uniform(1.0, 3.0) if self.rnd.random() < 0.1
                         else self.rnd.uniform(0.01, 0.1))
             h = self.s.send(task, key, round(duration, 3), len(self.handles))
             self.handles.append(h)
