@@ -555,14 +555,18 @@ def test_killed_worker_leases_vanish_with_its_session_and_its_tasks_run_elsewher
 
     t_kill = time.time()
     a.kill()
-    gone = {}
+    gone = {}     # first seen gone (an upper bound of when it vanished)
+    present = {}  # last asked while it was still there (a lower bound)
     deadline = time.monotonic() + SESSION_TIMEOUT + 10
     while len(gone) < len(paths) and time.monotonic() < deadline:
         for p in paths:
             if p not in gone:
+                asked = time.time()
                 stat = s.zk.exists(p)
                 if stat is None or stat.ephemeralOwner not in owner:
                     gone[p] = time.time()
+                else:
+                    present[p] = asked
         time.sleep(0.01)
     assert len(gone) == len(paths), 'the dead worker\'s leases never vanished'
     latest = max(gone.values()) - t_kill
@@ -583,7 +587,10 @@ def test_killed_worker_leases_vanish_with_its_session_and_its_tasks_run_elsewher
         assert died is not None and died >= t_kill, describe(mine[0], watch, t_kill)
         again = [r for r in mine[1:] if r.end is not None]
         assert again and again[0].worker == b_name, [describe(r, watch, t_kill) for r in mine]
-        assert again[0].start >= gone[p], 'ran again only once the old lease was gone'
+        # The poll sees the node gone a moment after it vanished: compare with the
+        # last moment it was certainly still there.
+        assert again[0].start >= present.get(p, t_kill), (
+            'ran again only once the old lease was gone')
         assert again[0].start >= died, 'ran again only once the old holder was dead'
     assert not [r for r in runs if r.worker == a_name and r.start > t_kill]
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
