@@ -204,7 +204,7 @@ class Holders:
             if req is None or lease.released:
                 continue
             self.metrics.inc('lost')
-            req.send_event('task-mutex-lost', key=lease.key)
+            req.send_event('mutex-lost', key=lease.key)
             if req.time_start is None:
                 self.stop_holder(req, lease, 'its lease was lost before it started')
             elif self.settings.on_session_loss == 'continue':

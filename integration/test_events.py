@@ -1,8 +1,8 @@
 """The step's task events reach a real event receiver (worker started with -E).
 
-``task-mutex-contended`` and ``task-mutex-requeued`` (a waiter whose requeue
-delay passes while the key is still held), ``task-mutex-skipped``
-(``mutex_contended='skip'``) and ``task-mutex-lost`` (the worker's ZooKeeper
+``mutex-contended`` and ``mutex-requeued`` (a waiter whose requeue
+delay passes while the key is still held), ``mutex-skipped``
+(``mutex_contended='skip'``) and ``mutex-lost`` (the worker's ZooKeeper
 session given up while a holder runs), each carrying the task's uuid and the
 key. A receiver on the broker captures every event by type in a thread.
 """
@@ -106,23 +106,26 @@ def test_contended_requeued_and_skipped_events(escenario, capture, zk):
     skipped = s.send('skipper', 'sk', 0)
 
     key = digest_of(s, 'work', 'ev')
-    contended = capture.wait('task-mutex-contended', waiter.id)[0]
+    contended = capture.wait('mutex-contended', waiter.id)[0]
     assert contended['key'] == key and "key='ev'" in contended['mutex']
-    requeued = capture.wait('task-mutex-requeued', waiter.id)[0]
+    requeued = capture.wait('mutex-requeued', waiter.id)[0]
     assert requeued['key'] == key
     assert requeued['timestamp'] >= contended['timestamp']
 
-    skip = capture.wait('task-mutex-skipped', skipped.id)[0]
+    skip = capture.wait('mutex-skipped', skipped.id)[0]
     assert skip['key'] == digest_of(s, 'skipper', 'sk') and "key='sk'" in skip['mutex']
     with pytest.raises(Exception) as info:
         skipped.get(timeout=20)
     assert type(info.value).__name__ == 'MutexContended'
+    # Monitors (celery.events.state.State, Flower) must see the skip as a failure.
+    failed = capture.wait('task-failed', skipped.id)[0]
+    assert 'MutexContended' in failed['exception']
 
     assert waiter.get(timeout=20) == 1 and holder.get(timeout=20) == 0
     skip_holder.get(timeout=20)
     # the holders were never contended; the skipped call was never requeued
-    assert capture.of('task-mutex-contended', holder.id) == []
-    assert capture.of('task-mutex-requeued', skipped.id) == []
+    assert capture.of('mutex-contended', holder.id) == []
+    assert capture.of('mutex-requeued', skipped.id) == []
     # the pool processes' LockTask sessions follow --mutex-hosts (no ZOOKEEPER_HOSTS here)
     info = s.send('lock_session_of_process', 'flag').get(timeout=20)
     assert info['hosts'] == zk.hosts and info['acquired'] is True
@@ -143,7 +146,7 @@ def test_lost_event_when_the_session_is_given_up(escenario, capture, zk_factory)
     t0 = time.monotonic()
     node.stop()
     try:
-        lost = capture.wait('task-mutex-lost', holder.id, timeout=2 * SESSION_TIMEOUT)[0]
+        lost = capture.wait('mutex-lost', holder.id, timeout=2 * SESSION_TIMEOUT)[0]
         took = time.monotonic() - t0
     finally:
         node.start()
