@@ -5,6 +5,8 @@ from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
+from .metrics import prometheus_address
+
 __all__ = ('mutex_leases', 'mutex_release')
 
 
@@ -14,7 +16,9 @@ def mutex_leases(state: Any) -> dict:
     gate = getattr(state.consumer, 'mutex_gate', None)
     if gate is None:
         return {'error': 'MutexStep is not running in this worker'}
-    return gate.info()
+    # Where this worker's Prometheus exporter ended up (it may have moved past a
+    # taken mutex_prometheus_port), so a scrape config can be checked against it.
+    return {**gate.info(), 'prometheus': prometheus_address()}
 
 
 @control_command(

@@ -64,8 +64,8 @@ class MutexStep(bootsteps.StartStopStep):
         self.leases.start()
         self.gate.start()
         port = c.app.conf.get('mutex_prometheus_port')
-        if port and not getattr(self, '_prometheus', False):
-            self._prometheus = start_prometheus(self.gate.metrics, int(port), c.hostname)
+        if port:  # once per process; never raises
+            start_prometheus(self.gate.metrics, int(port), c.hostname)
 
     def stop(self, c: Any) -> None:
         self.gate.stop()
