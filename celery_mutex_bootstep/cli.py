@@ -6,6 +6,7 @@ from typing import Any
 import click
 from celery.bin.base import CeleryOption
 
+from .control import register_control_commands
 from .failclosed import guard_tasks
 from .step import MutexStep
 
@@ -51,6 +52,7 @@ def install(app: Any) -> Any:
     Idempotent: calling it twice adds nothing twice. Returns ``app``.
     """
     app.steps['consumer'].add(MutexStep)
+    register_control_commands()
     if not getattr(app, '_mutex_guard_connected', False):
         app._mutex_guard_connected = True
         app.on_after_finalize.connect(_guard_after_finalize, weak=False)

@@ -59,6 +59,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.hosts import collect_hosts
 from kazoo.retry import KazooRetry
 
+from .control import register_control_commands
 from .options import MutexSettings, _validate_path, validate_hosts
 from .payload import parse_lease_data
 from .security import client_options, validate_auth
@@ -952,6 +953,13 @@ class MutexGroup(click.Group):
         self.format_commands(ctx, formatter)
 
 
+# Celery imports this module (the ``celery.commands`` entry point) on every
+# ``celery`` run, before any sub-command: registering here is what lets
+# ``celery inspect mutex_leases`` / ``celery control mutex_release`` be
+# recognised with an app module that never imports celery_mutex_bootstep.
+register_control_commands()
+
+
 @click.group(cls=MutexGroup)
 @_common_options
 @click.pass_context
@@ -962,6 +970,7 @@ def mutex(ctx: click.Context, **kwargs: Any) -> None:
     ZooKeeper and output options may be given here or after the sub-command.
     """
     ctx.meta['celery_mutex.options'] = {k: kwargs.get(k) for k in _OPTION_NAMES}
+    register_control_commands()
 
 
 def _app(ctx: click.Context) -> Any:

@@ -20,7 +20,7 @@ the consumer with ``call_soon``. Then:
   ``mutex_republish_after`` deliveries on a quorum queue, is republished).
   A waiter that is revoked is dropped as revoked at once.
 * contended (``'skip'``): the task fails with :class:`MutexContended` in its
-  result, a WARNING and a ``task-mutex-skipped`` event; the message is acked.
+  result, a WARNING and a ``mutex-skipped`` (and ``task-failed``) event; the message is acked.
 * ZooKeeper unavailable: the message waits the same way and goes back to the
   broker; it never runs without a lease and is never dropped.
 * the key cannot be built: the task fails with that error in its result and
@@ -244,7 +244,7 @@ class MutexGate:
         worker_state.task_ready(req)
         if outcome == LeaseOutcome.CONTENDED:
             self.metrics.inc('contended')
-            req.send_event('task-mutex-contended', key=key.digest, mutex=key.describe())
+            req.send_event('mutex-contended', key=key.digest, mutex=key.describe())
             logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
         else:
             self.metrics.inc('unavailable')
@@ -284,7 +284,7 @@ class MutexGate:
             self.holders.republish(req)  # on its own thread; acked once out
             return
         self.metrics.inc('requeued')
-        req.send_event('task-mutex-requeued', key=held.key.digest)
+        req.send_event('mutex-requeued', key=held.key.digest, mutex=held.key.describe())
         self._reject(req, requeue=True)
 
     def _poll_revoked(self) -> None:
@@ -326,7 +326,8 @@ class MutexGate:
         logger.warning('mutex: %s[%s] skipped: %s is held (mutex_contended=skip)',
                        req.name, req.id, key.describe())
         messages.store_failure(req, exc)
-        req.send_event('task-mutex-skipped', key=key.digest, mutex=key.describe())
+        req.send_event('mutex-skipped', key=key.digest, mutex=key.describe())
+        req.send_event('task-failed', exception=repr(exc), traceback='')
         messages.ack(req, self.c.connection_errors)
 
     def _refuse(self, req: Any, exc: Exception) -> None:

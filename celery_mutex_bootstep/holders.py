@@ -231,7 +231,7 @@ class Holders:
             if lease.released:
                 continue
             self.metrics.inc('lost')
-            req.send_event('task-mutex-lost', key=lease.key)
+            req.send_event('mutex-lost', key=lease.key)
             if pid is not None:
                 self.stop_holder(req, lease, 'its lease was lost with the ZooKeeper '
                                  'session', killed=True)

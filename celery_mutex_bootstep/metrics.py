@@ -3,10 +3,13 @@ and, with the ``prometheus`` extra, exported to Prometheus."""
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from typing import Any, Dict, List, Optional
 
-__all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'start_prometheus')
+__all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'start_prometheus', 'prometheus_address')
+
+logger = logging.getLogger(__name__)
 
 COUNTERS = ('acquired', 'contended', 'requeued', 'republished', 'skipped',
             'unavailable', 'refused', 'released', 'overran', 'lost')
@@ -51,14 +54,48 @@ class MutexMetrics:
             }
 
 
-def start_prometheus(metrics: MutexMetrics, port: int, worker: Optional[str] = None) -> bool:
-    """Serve the metrics on ``port`` if prometheus_client is installed."""
+# How many ports after ``mutex_prometheus_port`` a worker tries when it is taken:
+# several workers on one host share one setting and each ends up on its own port.
+PORT_TRIES = 16
+
+# One exporter per process: the step's start() runs again on every broker
+# reconnect, and a second registration of the same metric names would raise
+# (prometheus_client's "Duplicated timeseries").
+_exporter: Dict[str, Any] = {}
+_exporter_lock = threading.Lock()
+
+
+def prometheus_address() -> Optional[str]:
+    """``host:port`` this process serves its metrics on, or None."""
+    return _exporter.get('address')
+
+
+def start_prometheus(metrics: MutexMetrics, port: int, worker: Optional[str] = None,
+                     tries: int = PORT_TRIES) -> Optional[str]:
+    """Serve the metrics on the first free port of ``port .. port+tries-1``.
+
+    Returns the ``host:port`` served on, or None (prometheus_client missing or no
+    free port). Never raises: a metrics failure must not become a consumer error,
+    which Celery would treat as a broker connection error and restart the consumer.
+    """
+    with _exporter_lock:
+        if 'address' in _exporter:
+            return _exporter['address']
+        try:
+            return _start(metrics, port, worker, tries)
+        except Exception as exc:  # never into the consumer
+            logger.error('mutex: Prometheus exporter not started: %r', exc)
+            return None
+
+
+def _start(metrics: MutexMetrics, port: int, worker: Optional[str], tries: int) -> Optional[str]:
     try:
-        from prometheus_client import start_http_server
-        from prometheus_client.core import (REGISTRY, CounterMetricFamily,
-                                            HistogramMetricFamily)
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
     except ImportError:
-        return False
+        logger.warning('mutex: mutex_prometheus_port is set but prometheus-client is not '
+                       'installed (pip install celery-mutex-bootstep[prometheus])')
+        return None
 
     class Collector:
         def collect(self) -> Any:
@@ -74,6 +111,21 @@ def start_prometheus(metrics: MutexMetrics, port: int, worker: Optional[str] = N
             family.add_metric([worker or ''], list(hist['buckets'].items()), hist['sum'])
             yield family
 
-    REGISTRY.register(Collector())
-    start_http_server(port)
-    return True
+    # A private registry: the global REGISTRY may hold the application's own
+    # metrics, and its process/platform collectors are not ours to serve.
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    last: Optional[BaseException] = None
+    for candidate in range(port, port + max(1, tries)):
+        try:
+            start_http_server(candidate, registry=registry)
+        except OSError as exc:  # taken: another worker on this host
+            last = exc
+            continue
+        address = f'0.0.0.0:{candidate}'
+        _exporter['address'] = address
+        logger.info('mutex: Prometheus metrics on http://%s/metrics', address)
+        return address
+    logger.error('mutex: Prometheus exporter not started: ports %d-%d are all taken (%r)',
+                 port, port + max(1, tries) - 1, last)
+    return None

@@ -16,7 +16,7 @@ values refine the mutex; without them the whole task is one mutex),
 neither ``--mutex-hosts`` nor ``mutex_hosts`` is set. Like those libraries
 it drops a call whose mutex is held, but visibly: the task FAILS with
 :class:`~celery_mutex_bootstep.exceptions.MutexContended` in its result, a
-WARNING is logged and a ``task-mutex-skipped`` event sent. With
+WARNING is logged and a ``mutex-skipped`` event sent. With
 ``mutex_requeue=True`` (or ``mutex_contended='requeue'``) the call waits in
 the consumer and runs once the key is free instead. Every other option of
 the step (``mutex_name``, ``mutex_limit``, ``mutex_requeue_delay``) works

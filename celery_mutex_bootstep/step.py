@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 from celery import bootsteps
 
-from . import control  # noqa: F401  (registers the inspect command)
+from .control import register_control_commands
 from .failclosed import guard_tasks
 from .gate import MutexGate, MutexPolicies
 from .inbox import Inbox
@@ -36,6 +36,7 @@ class MutexStep(bootsteps.StartStopStep):
                  mutex_auth: Optional[str] = None, without_mutex: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
+        register_control_commands()  # so this worker answers mutex_leases/mutex_release
         # The tasks refuse to run without a lease, with the step or without it.
         guard_tasks(c.app)
         self.enabled = not without_mutex
@@ -70,8 +71,8 @@ class MutexStep(bootsteps.StartStopStep):
         self.leases.start()
         self.gate.start()
         port = c.app.conf.get('mutex_prometheus_port')
-        if port and not getattr(self, '_prometheus', False):
-            self._prometheus = start_prometheus(self.gate.metrics, int(port), c.hostname)
+        if port:  # once per process; never raises
+            start_prometheus(self.gate.metrics, int(port), c.hostname)
 
     def stop(self, c: Any) -> None:
         self.gate.stop()

@@ -23,3 +23,33 @@ def test_counters_histogram_and_prometheus_export(scenario):
     text = urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5).read().decode()
     assert 'celery_mutex_acquired_total{worker="%s"} 2.0' % s.nodename(w) in text
     assert 'celery_mutex_hold_seconds_count{worker="%s"} 2.0' % s.nodename(w) in text
+
+
+def test_two_workers_on_one_host_with_one_prometheus_port(scenario):
+    """The second worker moves to the next free port instead of failing to bind
+    (which used to surface as a broker connection error, then kill the worker)."""
+    s = scenario
+    port = find_free_port()
+    env = {'TEST_PROMETHEUS_PORT': str(port)}
+    w1 = s.worker('w1', concurrency=1, env=env)
+    w2 = s.worker('w2', concurrency=1, env=env)
+    for i in range(4):
+        s.send('work', f'p{i}', 0, i).get(timeout=20)
+    replies = s.client.control.inspect([s.nodename(w1), s.nodename(w2)],
+                                       timeout=3)._request('mutex_leases')
+    assert len(replies) == 2, replies
+    addresses = {name: info['prometheus'] for name, info in replies.items()}
+    ports = sorted(int(a.rsplit(':', 1)[1]) for a in addresses.values())
+    assert ports[0] == port and ports[1] != port, addresses
+    total = 0
+    for name, address in addresses.items():
+        text = urllib.request.urlopen(
+            f'http://127.0.0.1:{address.rsplit(":", 1)[1]}/metrics', timeout=5).read().decode()
+        # each exporter serves its own worker's counters only (a private registry)
+        assert f'worker="{name}"' in text
+        assert [n for n in addresses if n != name][0] not in text
+        for line in text.splitlines():
+            if line.startswith('celery_mutex_acquired_total{'):
+                total += float(line.split()[-1])
+    assert total == 4
+    assert w1.is_running() and w2.is_running()
