@@ -34,6 +34,18 @@ def proxies():
         proxy.close()
 
 
+def _worker_behind_proxies(s, zk_factory, proxies):
+    """Worker 'a', reaching ZooKeeper (4 s sessions at most) and the broker through
+    proxies the test controls; other workers reach both directly."""
+    node = zk_factory(max_session_timeout=4000)
+    s.zk_hosts = node.hosts
+    zk_proxy = proxies(('127.0.0.1', node.client_port))
+    mq_proxy = proxies(BROKER)
+    a = s.worker('a', concurrency=2, hosts=zk_proxy.hosts, extra_args=session_args(),
+                 env={'TEST_BROKER': f'amqp://guest:guest@{mq_proxy.hosts}//'})
+    return a, zk_proxy, mq_proxy
+
+
 def _takeover(s, runs, watch, holder, key, t0):
     """The cut-off holder's death and the other worker's first start on its key."""
     first = sorted((r for r in runs if r.id == holder.id), key=lambda r: r.start)[0]
@@ -51,12 +63,7 @@ def test_worker_losing_broker_and_zookeeper_at_once_stops_its_holder_in_time(
         task, zk_factory, proxies, watch_factory, scenario):
     """The double fault: ZooKeeper stalls and the broker refuses, at the same moment."""
     s = scenario
-    node = zk_factory(max_session_timeout=4000)
-    s.zk_hosts = node.hosts
-    zk_proxy = proxies(('127.0.0.1', node.client_port))
-    mq_proxy = proxies(BROKER)
-    a = s.worker('a', concurrency=2, hosts=zk_proxy.hosts, extra_args=session_args(),
-                 env={'TEST_BROKER': f'amqp://guest:guest@{mq_proxy.hosts}//'})
+    a, zk_proxy, mq_proxy = _worker_behind_proxies(s, zk_factory, proxies)
     watch = watch_factory(s)
     holder = s.send(task, 'p', 12.0, 0)
     wait_for(lambda: _started(s, {holder.id}), message='the holder started on a')
@@ -127,12 +134,7 @@ def test_republish_that_fails_while_the_broker_is_away_is_kept_and_retried(
     """An early-acked holder is killed on session loss; its copy cannot be published
     (the broker refuses new connections) and is kept until it can."""
     s = scenario
-    node = zk_factory(max_session_timeout=4000)
-    s.zk_hosts = node.hosts
-    zk_proxy = proxies(('127.0.0.1', node.client_port))
-    mq_proxy = proxies(BROKER)
-    a = s.worker('a', concurrency=2, hosts=zk_proxy.hosts, extra_args=session_args(),
-                 env={'TEST_BROKER': f'amqp://guest:guest@{mq_proxy.hosts}//'})
+    a, zk_proxy, mq_proxy = _worker_behind_proxies(s, zk_factory, proxies)
     watch = watch_factory(s)
     holder = s.send('work', 'r', 8.0, 0)
     wait_for(lambda: _started(s, {holder.id}), message='the holder started on a')
