@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Optional
 
-__all__ = ('Republisher', 'publish_copy')
+__all__ = ('Republisher', 'confirmed_connection', 'publish_copy', 'publish_message')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
@@ -39,17 +39,31 @@ _BACKOFF_MAX = 2.0
 
 def publish_copy(producer: Any, req: Any) -> None:
     """Publish a copy of ``req``'s message with ``producer`` (raises on failure)."""
-    message = req.message
-    info = message.delivery_info or {}
-    headers = {k: v for k, v in (message.headers or {}).items() if k != 'x-delivery-count'}
+    info = req.message.delivery_info or {}
+    publish_message(producer, req.message, info.get('exchange') or '', info.get('routing_key'))
+
+
+def publish_message(producer: Any, message: Any, exchange: str, routing_key: Any,
+                    headers: Optional[dict] = None) -> None:
+    """Publish ``message`` again (same body, headers and properties; the broker's
+    delivery count dropped, ``headers`` added) to ``exchange``/``routing_key``."""
+    merged = {k: v for k, v in (message.headers or {}).items() if k != 'x-delivery-count'}
+    merged.update(headers or {})
     props = message.properties or {}
     producer.publish(
-        message.body, exchange=info.get('exchange') or '',
-        routing_key=info.get('routing_key'), headers=headers,
+        message.body, exchange=exchange, routing_key=routing_key, headers=merged,
         content_type=message.content_type, content_encoding=message.content_encoding,
         correlation_id=props.get('correlation_id'), reply_to=props.get('reply_to'),
         priority=props.get('priority'), delivery_mode=props.get('delivery_mode'),
         retry=False)
+
+
+def confirmed_connection(app: Any) -> Any:
+    """A connection of its own whose publishes the broker confirms (RabbitMQ:
+    publisher confirms), so "published" means "the broker has it"."""
+    connection = app.connection_for_write(transport_options={'confirm_publish': True})
+    connection.ensure_connection(max_retries=1, timeout=2)
+    return connection
 
 
 class Republisher:
@@ -113,8 +127,7 @@ class Republisher:
 
     def _producer_for(self) -> Any:
         if self._producer is None:
-            self._connection = self.app.connection_for_write()
-            self._connection.ensure_connection(max_retries=1, timeout=2)
+            self._connection = confirmed_connection(self.app)
             self._producer = self._connection.Producer()
         return self._producer
 
