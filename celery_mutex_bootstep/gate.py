@@ -46,6 +46,8 @@ from .inbox import Inbox
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
 from .metrics import MutexMetrics
 from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
+from .parked import ParkedKeys
+from .parking import ParkingLot
 from .payload import lease_data
 from .waiting import Held, WaitingRoom
 
@@ -55,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 _REVOKE_POLL = 0.1
 _UNAVAILABLE_LOG_EVERY = 10.0
+# A room waiter parks itself after this long unacknowledged (RabbitMQ's consumer
+# timeout, 30 min by default, would close the channel).
+_ROOM_WAIT_MAX = 600.0
 
 
 class MutexPolicies:
@@ -137,6 +142,11 @@ class MutexGate:
         self._post = inbox.post
         self.metrics = MutexMetrics()
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
+        self.parked: Optional[ParkedKeys] = None
+        if settings.park:
+            self.parked = ParkedKeys(
+                consumer, ParkingLot(consumer.app, leases, self._post), self.room,
+                self.metrics, settings.max_held, inbox.later)
 
     def install(self) -> None:
         """Put the gate in front of the consumer's ``on_task_request``."""
@@ -162,8 +172,10 @@ class MutexGate:
             seq = self._arrivals
             if not self.leases.connected:
                 return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
-            if policy.contended == 'requeue' and self.room.has_waiters(key.digest):
-                # Queue behind this worker's waiters for the key: arrival order.
+            if policy.contended == 'requeue' and (
+                    self.room.has_waiters(key.digest)
+                    or (self.parked is not None and self.parked.queue_behind(req, key))):
+                # Queue behind the key's waiters (here, and parked): arrival order.
                 return self._wait(req, key, LeaseOutcome.CONTENDED, seq=seq)
             self._try(req, key, None, seq)
         except Exception:  # never into the consumer's event loop
@@ -207,6 +219,8 @@ class MutexGate:
                 self._grant(req, key, lease)
                 if self.room.has_waiters(key.digest):
                     self._watch(key)
+                if self.parked is not None:
+                    self.parked.refill(key.digest)
             elif held is not None:
                 if outcome == LeaseOutcome.CONTENDED:
                     self._watch(key)
@@ -249,6 +263,10 @@ class MutexGate:
         else:
             self.metrics.inc('unavailable')
             self._log_unavailable(req, exc)
+        if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
+                and key.policy.contended == 'requeue' and self.parked.should_park(req, key)):
+            self._park(req, key)
+            return
         self.room.hold(req, key, key.policy.requeue_delay, seq)
         if outcome == LeaseOutcome.CONTENDED:
             self._watch(key)
@@ -273,12 +291,24 @@ class MutexGate:
             logger.debug('mutex: %s freed? %s[%s] tries again', digest[:12],
                          held.req.name, held.req.id)
             self._try(held.req, held.key, held)
+        if self.parked is not None:
+            self.parked.refill(digest)
 
     def _expired(self, held: Held) -> None:
-        """A waiter's delay is over: hand its message back to the broker."""
-        self.room.leave(held)
+        """A waiter's delay is over: with parking it stays (it is the head of its
+        key's line) until it was unacknowledged too long, then parks; without,
+        its message goes back to the broker."""
         req = held.req
+        parking = (self.parked is not None and self.leases.connected
+                   and held.key.policy.contended == 'requeue')
+        if parking and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
+            self.room.rearm(held, held.key.policy.requeue_delay)
+            return
+        self.room.leave(held)
         if req.revoked():  # announced as revoked and acked
+            return
+        if parking:  # RabbitMQ's consumer timeout would close the channel
+            self._park(req, held.key)
             return
         if messages.delivery_limit_reached(req, held.key.policy.republish_after):
             self.holders.republish(req)  # on its own thread; acked once out
@@ -286,6 +316,11 @@ class MutexGate:
         self.metrics.inc('requeued')
         req.send_event('mutex-requeued', key=held.key.digest, mutex=held.key.describe())
         self._reject(req, requeue=True)
+
+    def _park(self, req: Any, key: MutexKey) -> None:
+        req.send_event('mutex-parked', key=key.digest, mutex=key.describe())
+        self.parked.park(req, key)
+        self._watch(key)
 
     def _poll_revoked(self) -> None:
         """While messages wait, drop revoked ones at once (as revoked)."""
@@ -355,14 +390,22 @@ class MutexGate:
         """The consumer (re)started."""
         self.inbox.attach()
         self.holders.resume()
+        if self.parked is not None:
+            self.parked.lot.start()
 
     def on_session(self, state: str) -> None:
         """The ZooKeeper session changed state (consumer thread)."""
         if state != 'connected':
             self._watching.clear()  # kazoo re-arms watches only within a session
             return
-        for digest in list({h.key.digest for h in self.room}):
+        digests = {h.key.digest for h in self.room}
+        if self.parked is not None:
+            digests.update(self.parked.flagged)
+        for digest in sorted(digests):
             self._wake(digest, self._generation)
+            key = self.parked.flagged.get(digest) if self.parked is not None else None
+            if key is not None:
+                self._watch(key)
 
     def stop(self) -> None:
         """The consumer stops: on shutdown hand waiting messages back now.
@@ -372,7 +415,14 @@ class MutexGate:
         """
         from celery.bootsteps import RUN
         reconnect = self.c.blueprint.state == RUN
+        if self.parked is not None and not reconnect:
+            # Warm shutdown: parks already asked for finish, and their originals are
+            # acknowledged while the channel is open (else both would run).
+            self.parked.lot.wait_idle(3.0)
+            self.inbox.drain()
         self._generation += 1
+        if self.parked is not None:
+            self.parked.generation += 1
         if self._revoke_timer is not None:
             self._revoke_timer.cancel()
             self._revoke_timer = None
@@ -402,6 +452,7 @@ class MutexGate:
                  'age': round(time.monotonic() - lease.acquired_monotonic, 3)}
                 for lease in self.leases.held()
             ],
+            **(self.parked.info() if self.parked is not None else {}),
             **self.metrics.snapshot(),
             'zookeeper_ops': dict(self.leases.stats),
         }

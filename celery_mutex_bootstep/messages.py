@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ('reject', 'ack', 'delivery_limit_reached', 'store_failure')
+__all__ = ('reject', 'ack', 'delivery_limit_reached', 'origin_queue', 'store_failure')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
@@ -43,3 +43,24 @@ def store_failure(req: Any, exc: Exception) -> None:
             req.id, exc, request=req._context, store_result=req.store_errors)
     except Exception:
         logger.exception('mutex: could not store the failure of %s', req.id)
+
+
+def origin_queue(consumer: Any, message: Any) -> str:
+    """The name of the queue ``message`` was consumed from: by its consumer tag
+    (RabbitMQ), else the consumed queue its exchange and routing key lead to."""
+    info = message.delivery_info or {}
+    task_consumer = getattr(consumer, 'task_consumer', None)
+    tag = info.get('consumer_tag')
+    if tag is not None:
+        for name, active in (getattr(task_consumer, '_active_tags', None) or {}).items():
+            if str(active) == str(tag):
+                return name
+    queues = list(getattr(task_consumer, 'queues', None) or ())
+    routing_key, exchange = info.get('routing_key'), info.get('exchange') or ''
+    for queue in queues:
+        if queue.routing_key == routing_key and (queue.exchange.name or '') == exchange:
+            return queue.name
+    names = [q.name for q in queues]
+    if routing_key in names or not names:
+        return routing_key or 'celery'
+    return names[0]

@@ -12,7 +12,7 @@ __all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'start_prometheus', 'prometheus_addre
 logger = logging.getLogger(__name__)
 
 COUNTERS = ('acquired', 'contended', 'requeued', 'republished', 'skipped',
-            'unavailable', 'refused', 'released', 'overran', 'lost')
+            'unavailable', 'refused', 'released', 'overran', 'lost', 'parked', 'unparked')
 # Seconds; the last bucket is +Inf.
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
 

@@ -186,6 +186,7 @@ class MutexSettings:
     auth: Optional[str] = field(default=None, repr=False)
     tls: Optional[dict] = None
     require_lease: bool = True
+    park: bool = True
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
@@ -246,6 +247,7 @@ class MutexSettings:
                   else validate_auth(conf.get('mutex_auth'), 'app config mutex_auth')),
             tls=validate_tls(conf.get('mutex_tls'), 'app config mutex_tls'),
             require_lease=bool(conf.get('mutex_require_lease', True)),
+            park=bool(conf.get('mutex_park', True)),
         )
 
 

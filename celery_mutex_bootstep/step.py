@@ -85,6 +85,8 @@ class MutexStep(bootsteps.StartStopStep):
         try:
             self.gate.stop()
             self.gate.holders.republisher.close()
+            if self.gate.parked is not None:
+                self.gate.parked.lot.close()
         finally:
             self.leases.close()
             self.inbox.close()

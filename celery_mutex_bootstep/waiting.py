@@ -58,6 +58,10 @@ class WaitingRoom:
     def has_waiters(self, digest: str) -> bool:
         return digest in self._by_key
 
+    def count(self, digest: str) -> int:
+        queue = self._by_key.get(digest)
+        return len(queue) if queue else 0
+
     def first(self, digest: str) -> Optional[Held]:
         queue = self._by_key.get(digest)
         return queue[0] if queue else None
@@ -109,6 +113,11 @@ class WaitingRoom:
             self._compensated -= 1
             self.c.qos.decrement_eventually(held.compensated)
         return True
+
+    def rearm(self, held: Held, delay: float) -> None:
+        """Keep ``held`` waiting another ``delay``."""
+        if not held.gone:
+            held.entry = self.later(delay, self._expired, held)
 
     def _expired(self, held: Held) -> None:
         if not held.gone:

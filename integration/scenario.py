@@ -86,13 +86,30 @@ class Scenario:
         # '.clock-<session>' nodes belong to live sessions, not to tasks
         return [n for n in self.zk.get_children(self.namespace) if not n.startswith('.')]
 
+    def park_queues(self) -> List[str]:
+        """The park queues the workers registered in this namespace."""
+        from celery_mutex_bootstep.parking import park_queue_name
+        root = f'{self.namespace}/.parked'
+        try:
+            children = self.zk.get_children_async(root).get(timeout=5)
+        except Exception:  # none registered, or the server is gone
+            return []
+        return [park_queue_name(self.namespace, d) for d in children]
+
     def close(self) -> None:
+        parked = []
         if self._zk is not None:
+            try:
+                parked = self.park_queues() if self._zk.connected else []
+            except Exception:
+                pass
             self._zk.stop()
             self._zk.close()
         try:
             with self.client.connection_for_write() as conn:
                 conn.default_channel.queue_delete(self.queue)
+                for name in parked:
+                    conn.default_channel.queue_delete(name)
         except Exception:
             pass
         self.records.redis.delete(self.queue)

@@ -1,0 +1,131 @@
+"""Which contended messages this worker parks, and when it unparks the next.
+
+The consumer keeps at most ``limit + 1`` waiters per key (``CAP_EXTRA``) in its
+waiting room, where a watch wakes them the moment the key is freed: enough
+to hand the key over at ZooKeeper's speed. Every other contended message of
+the key is parked on the broker (:mod:`.parking`), and so is a room waiter
+whose ``mutex_requeue_delay`` passed (instead of cycling through the broker
+once per delay). A fresh arrival for a key whose park queue may hold
+messages parks too, behind them: the park queue is the key's line.
+
+A key is *flagged* while its park queue may hold messages: this worker parked
+one, or received one that was unparked (``x-mutex-unparked``: the line goes
+on). For a flagged key the worker refills its room from the park queue, one
+message per free place, whenever a waiter leaves it for the pool and
+whenever the key's watch fires with nobody waiting here; an empty park queue
+clears the flag. Consumer thread only.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Callable, Dict, Optional
+
+from . import messages
+from .parking import UNPARKED_HEADER, ParkingLot
+
+__all__ = ('ParkedKeys',)
+
+logger = logging.getLogger('celery_mutex_bootstep.gate')
+
+CAP_EXTRA = 1
+_RETRY_UNPARK = 1.0
+
+
+class ParkedKeys:
+    def __init__(self, consumer: Any, lot: ParkingLot, room: Any, metrics: Any,
+                 max_held: int, later: Callable[..., Any]) -> None:
+        self.c = consumer
+        self.lot = lot
+        self.room = room
+        self.metrics = metrics
+        self.max_held = max_held
+        self.later = later
+        self.flagged: Dict[str, Any] = {}   # digest -> MutexKey
+        self._unparking: Counter = Counter()
+        self._registered: set = set()
+        self._types: Dict[str, Optional[str]] = {}  # digest -> its park queue's x-queue-type
+        self.in_flight = 0                  # parks not yet confirmed
+        self.generation = 0
+        lot.known = lambda: tuple(self.flagged)
+
+    @staticmethod
+    def unparked(req: Any) -> bool:
+        return bool((req.message.headers or {}).get(UNPARKED_HEADER))
+
+    def cap(self, key: Any) -> int:
+        return key.policy.limit + CAP_EXTRA
+
+    def queue_behind(self, req: Any, key: Any) -> bool:
+        """A fresh arrival for a flagged key waits its turn in the park queue."""
+        if key.digest in self.flagged:
+            return not self.unparked(req)
+        return False
+
+    def should_park(self, req: Any, key: Any) -> bool:
+        """Park rather than hold in the room (``req`` is contended)."""
+        if len(self.room) >= self.max_held:
+            return True
+        if self.unparked(req):
+            if key.digest not in self.flagged:  # its line goes on
+                self._flag(key, messages.origin_queue(self.c, req.message))
+            return False
+        return key.digest in self.flagged or self.room.count(key.digest) >= self.cap(key)
+
+    def park(self, req: Any, key: Any) -> None:
+        digest = key.digest
+        origin = messages.origin_queue(self.c, req.message)
+        queue_type = self._flag(key, origin)
+        self.in_flight += 1
+        req._mutex_park_generation = self.generation
+        self.lot.park(req, digest, origin, queue_type, self._parked)
+        if digest not in self._registered:
+            self._registered.add(digest)
+            self.lot.register(digest, [self.lot.leases.path_for(s) for s in key.slots],
+                              queue_type)
+
+    def _flag(self, key: Any, origin: Optional[str]) -> Optional[str]:
+        self.flagged[key.digest] = key
+        if key.digest not in self._types:
+            self._types[key.digest] = self._queue_type(origin)
+        return self._types[key.digest]
+
+    def _parked(self, req: Any, ok: bool) -> None:
+        self.in_flight -= 1
+        if getattr(req, '_mutex_park_generation', None) != self.generation:
+            return  # its channel is gone: the broker has requeued the original
+        if ok:
+            self.metrics.inc('parked')
+            messages.ack(req, self.c.connection_errors)
+        else:
+            messages.reject(req, self.c.connection_errors, requeue=True)
+
+    def refill(self, digest: str) -> None:
+        """Unpark as many of ``digest``'s line as the room has places for."""
+        key = self.flagged.get(digest)
+        if key is None:
+            return
+        while self.room.count(digest) + self._unparking[digest] < self.cap(key):
+            self._unparking[digest] += 1
+            self.lot.unpark(digest, self._types.get(digest), self._unparked)
+
+    def _unparked(self, digest: str, got: Optional[bool]) -> None:
+        self._unparking[digest] -= 1
+        if self._unparking[digest] <= 0:
+            del self._unparking[digest]
+        if got:
+            self.metrics.inc('unparked')
+        elif got is False:
+            if not self._unparking.get(digest):
+                self.flagged.pop(digest, None)  # its line is empty
+                self._registered.discard(digest)
+        else:
+            self.later(_RETRY_UNPARK, self.refill, digest)
+
+    def _queue_type(self, origin: Optional[str]) -> Optional[str]:
+        """Park queues of quorum queues are quorum queues (replicated alike)."""
+        queue = (getattr(self.c.app.amqp, 'queues', None) or {}).get(origin)
+        return (getattr(queue, 'queue_arguments', None) or {}).get('x-queue-type')
+
+    def info(self) -> Dict[str, Any]:
+        return {'parked_keys': sorted(self.flagged), 'parking': self.in_flight}

@@ -1,0 +1,265 @@
+"""The park queues: where a key's waiters wait on the broker, in order.
+
+A worker keeps only a few waiters per key in its consumer (:mod:`.waiting`);
+the rest are *parked*: a copy of the message goes to the key's park queue
+``celery-mutex.park.<namespace hash>.<digest>`` (durable, declared with the origin queue's
+``x-queue-type``), and the original is acknowledged only once the broker has
+confirmed the copy. A parked message costs no prefetch slot, no memory in any
+worker and no delivery until it is *unparked*: taken from the head of its park
+queue (``basic.get``), published to the tail of its queue of origin (header
+``x-mutex-origin``) with the header ``x-mutex-unparked``, then acknowledged.
+So other keys' messages never queue behind a hot key, and a key's waiters
+leave its park queue in the order they were parked.
+
+Who unparks (:mod:`.parked`): the worker whose consumer sees the key's waiters
+thin out (a grant, a free key), and, for park queues no live worker knows of
+(their parkers crashed), every worker's sweep: each parked key has a
+persistent node ``<namespace>/.parked/<digest>`` naming its queue and lease
+nodes; every ``sweep_every`` seconds a worker unparks one message of each key
+that is free, and deletes the node of a park queue found empty.
+
+Guarantees and limits:
+
+* Nothing is lost: the original is acked after the broker confirmed the copy;
+  an unparked message is acked after its copy reached the origin queue. A
+  crash in between duplicates the task (same id; the lease still serialises
+  it: at-least-once, as Celery's own delivery).
+* Runs on one thread of its own with its own broker connection: the consumer
+  thread never waits on the broker or on ZooKeeper for it.
+* Park queues are not deleted (RabbitMQ's ``x-expires`` would delete one
+  holding messages): one empty durable queue stays per key that was ever
+  parked on RabbitMQ (Redis drops empty lists itself).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Optional, Sequence
+
+from kombu import Queue
+
+from .republisher import confirmed_connection, publish_message
+
+__all__ = ('ParkingLot', 'park_queue_name', 'ORIGIN_HEADER', 'UNPARKED_HEADER')
+
+logger = logging.getLogger('celery_mutex_bootstep.gate')
+
+ORIGIN_HEADER = 'x-mutex-origin'
+UNPARKED_HEADER = 'x-mutex-unparked'
+PARK_PREFIX = 'celery-mutex.park.'
+SWEEP_EVERY = 5.0
+_ZK_WAIT = 5.0
+
+
+def park_queue_name(namespace: str, digest: str) -> str:
+    """``celery-mutex.park.<namespace hash>.<digest>``: apps in different
+    namespaces never share a key, so they never share a park queue either."""
+    space = hashlib.sha256(namespace.encode()).hexdigest()[:8]
+    return f'{PARK_PREFIX}{space}.{digest}'
+
+
+def _queue(name: str, queue_type: Optional[str]) -> Queue:
+    arguments = {'x-queue-type': queue_type} if queue_type else None
+    return Queue(name, exchange='', routing_key=name, durable=True, auto_delete=False,
+                 queue_arguments=arguments)
+
+
+class ParkingLot:
+    """The broker side of parking: park, unpark and sweep, on one thread."""
+
+    def __init__(self, app: Any, leases: Any, post: Callable[..., None],
+                 sweep_every: float = SWEEP_EVERY) -> None:
+        self.app = app
+        self.leases = leases
+        self.post = post
+        self.sweep_every = sweep_every
+        self.root = f'{leases.namespace}/.parked'
+        self.known: Callable[[], Sequence[str]] = lambda: ()  # keys this worker tracks
+        self._jobs: Deque[tuple] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self._connection: Any = None
+        self._producer: Any = None
+        self._declared: set = set()
+        self._busy = False
+
+    # -- asked for on the consumer thread -----------------------------------
+
+    def park(self, req: Any, digest: str, origin: str, queue_type: Optional[str],
+             done: Callable[[Any, bool], None]) -> None:
+        """Copy ``req``'s message to the park queue; ``done(req, ok)`` follows."""
+        self._submit(('park', req, digest, origin, queue_type, done))
+
+    def unpark(self, digest: str, queue_type: Optional[str],
+               done: Callable[[str, Optional[bool]], None]) -> None:
+        """Move the head of ``digest``'s park queue to its origin; ``done(digest,
+        got)`` follows: True moved one, False the park queue was empty, None failed."""
+        self._submit(('unpark', digest, queue_type, done))
+
+    def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str]) -> None:
+        """Name the park queue in ZooKeeper, for the sweeps (asynchronous)."""
+        data = json.dumps({'queue': park_queue_name(self.leases.namespace, digest),
+                           'paths': list(paths), 'queue_type': queue_type}).encode()
+        try:
+            self.leases.client.create_async(f'{self.root}/{digest}', data, makepath=True)
+        except Exception:  # no session now: a later park registers it
+            pass
+
+    def _submit(self, job: tuple) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name='mutex-parking', daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def start(self) -> None:
+        """Start sweeping (at once: a restarted fleet finds what it parked)."""
+        self._submit(('sweep',))
+
+    # -- the thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_every
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stop:
+                    wait = next_sweep - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stop:
+                    return
+                due = time.monotonic() >= next_sweep
+                job = ('sweep',) if due or not self._jobs else self._jobs.popleft()
+                self._busy = True
+            try:
+                self._do(job)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+            if job[0] == 'sweep':
+                next_sweep = time.monotonic() + self.sweep_every
+
+    def _do(self, job: tuple) -> None:
+        if job[0] == 'sweep':
+            self._sweep()
+        elif job[0] == 'park':
+            self._park(*job[1:])
+        else:
+            _, digest, queue_type, done = job
+            self.post(done, digest, self._unpark(digest, queue_type))
+
+    def _park(self, req: Any, digest: str, origin: str, queue_type: Optional[str],
+              done: Callable[[Any, bool], None]) -> None:
+        name = park_queue_name(self.leases.namespace, digest)
+        try:
+            producer = self._producer_for()
+            self._declare(name, queue_type)
+            publish_message(producer, req.message, '', name, {ORIGIN_HEADER: origin})
+        except Exception as exc:
+            self._drop_connection()
+            logger.warning('mutex: could not park %s[%s] (%r); it goes back to its queue',
+                           req.name, req.id, exc)
+            self.post(done, req, False)
+            return
+        self.post(done, req, True)
+
+    def _unpark(self, digest: str, queue_type: Optional[str]) -> Optional[bool]:
+        name = park_queue_name(self.leases.namespace, digest)
+        try:
+            producer = self._producer_for()
+            self._declare(name, queue_type)
+            message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
+            if message is None:
+                return False
+            origin = (message.headers or {}).get(ORIGIN_HEADER) or 'celery'
+            publish_message(producer, message, '', origin, {UNPARKED_HEADER: 1})
+            message.ack()
+            return True
+        except Exception as exc:  # what was taken and not acked goes back
+            self._drop_connection()
+            logger.warning('mutex: could not unpark from %s (%r); retried later', name, exc)
+            return None
+
+    def _sweep(self) -> None:
+        """Unpark one message of every registered key that is free and that this
+        worker does not track (their parker may have died)."""
+        client = self.leases.client
+        if not self.leases.connected:
+            return
+        wait = _ZK_WAIT  # kazoo's plain calls wait for a lost connection forever
+        try:
+            children = client.get_children_async(self.root).get(timeout=wait)
+        except Exception:  # no node yet, no session: next time
+            return
+        known = set(self.known())
+        for digest in children:
+            if digest in known:
+                continue
+            path = f'{self.root}/{digest}'
+            try:
+                info = json.loads(client.get_async(path).get(timeout=wait)[0] or b'{}')
+                if all(client.exists_async(p).get(timeout=wait) is not None
+                       for p in info.get('paths') or ()):
+                    continue  # held: its holder's worker or a later sweep moves it
+                got = self._unpark(digest, info.get('queue_type'))
+                if got is False:
+                    client.delete_async(path)
+                elif got:
+                    logger.info('mutex: unparked a message of %s left by another worker',
+                                digest[:12])
+            except Exception as exc:
+                logger.debug('mutex: sweep of %s: %r', digest[:12], exc)
+
+    # -- connection --------------------------------------------------------
+
+    def _declare(self, name: str, queue_type: Optional[str]) -> None:
+        if name not in self._declared:
+            _queue(name, queue_type)(self._producer.channel).declare()
+            self._declared.add(name)
+
+    def _producer_for(self) -> Any:
+        if self._producer is None:
+            self._connection = confirmed_connection(self.app)
+            self._producer = self._connection.Producer()
+            self._declared.clear()
+        return self._producer
+
+    def _drop_connection(self) -> None:
+        connection, self._connection, self._producer = self._connection, None, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def wait_idle(self, timeout: float) -> None:
+        """Warm shutdown: let the parks asked for finish (bounded), so their
+        originals can be acknowledged before the channel closes."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (any(j[0] == 'park' for j in self._jobs) or self._busy) and self._thread:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None:
+            thread.join(10)
+        self._drop_connection()
+
+    def pending(self) -> Dict[str, int]:
+        return {'jobs': len(self._jobs)}
