@@ -110,7 +110,7 @@ def digest_of(s, task, *values):
 
 def test_contended_requeued_and_skipped_events(escenario, capture, zk):
     s = escenario
-    w = s.worker('w1', concurrency=4, extra_args=['-E'])
+    w = s.worker('w1', concurrency=4, extra_args=['-E'], env={'TEST_PARK': '0'})
     holder = s.send('work', 'ev', 1.5, 0)
     skip_holder = s.send('skipper', 'sk', 1.5)
     capture.wait('task-started', holder.id)
@@ -121,6 +121,7 @@ def test_contended_requeued_and_skipped_events(escenario, capture, zk):
     key = digest_of(s, 'work', 'ev')
     contended = capture.wait('mutex-contended', waiter.id)[0]
     assert contended['key'] == key and "key='ev'" in contended['mutex']
+    # with parking off, the waiter goes back to the broker after its 0.2 s delay
     requeued = capture.wait('mutex-requeued', waiter.id)[0]
     assert requeued['key'] == key
     assert requeued['timestamp'] >= contended['timestamp']
@@ -139,6 +140,7 @@ def test_contended_requeued_and_skipped_events(escenario, capture, zk):
     # the holders were never contended; the skipped call was never requeued
     assert capture.of('mutex-contended', holder.id) == []
     assert capture.of('mutex-requeued', skipped.id) == []
+    assert capture.of('mutex-parked', skipped.id) == []
     # the pool processes' LockTask sessions follow --mutex-hosts (no ZOOKEEPER_HOSTS here)
     info = s.send('lock_session_of_process', 'flag').get(timeout=20)
     assert info['hosts'] == zk.hosts and info['acquired'] is True
