@@ -303,6 +303,9 @@ class MutexGate:
                    and held.key.policy.contended == 'requeue')
         if parking and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
             self.room.rearm(held, held.key.policy.requeue_delay)
+            # Someone must wake it: a waiter that joined while ZooKeeper was away
+            # has no watch yet (on a free key the watch calls back at once).
+            self._watch(held.key)
             return
         self.room.leave(held)
         if req.revoked():  # announced as revoked and acked
