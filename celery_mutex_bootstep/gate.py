@@ -45,13 +45,14 @@ from .holders import Holders
 from .inbox import Inbox
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
 from .metrics import MutexMetrics
-from .options import MutexKey, MutexPolicy, MutexSettings, policy_for_task
+from .options import MutexKey, MutexSettings
 from .parked import ParkedKeys
 from .parking import ParkingLot
 from .payload import lease_data
+from .policies import MutexPolicies
 from .waiting import Held, WaitingRoom
 
-__all__ = ('MutexGate', 'MutexPolicies')
+__all__ = ('MutexGate', 'MutexPolicies')  # MutexPolicies re-exported from .policies
 
 logger = logging.getLogger(__name__)
 
@@ -60,65 +61,6 @@ _UNAVAILABLE_LOG_EVERY = 10.0
 # A room waiter parks itself after this long unacknowledged (RabbitMQ's consumer
 # timeout, 30 min by default, would close the channel).
 _ROOM_WAIT_MAX = 600.0
-
-
-class MutexPolicies:
-    """Task name -> validated policy, or None for unguarded tasks."""
-
-    def __init__(self, app: Any, settings: MutexSettings) -> None:
-        self.app = app
-        self.settings = settings
-        self._policies: Dict[str, Optional[MutexPolicy]] = {}
-
-    def validate_all(self) -> None:
-        """Check every registered task; raises MutexConfigError on a mistake."""
-        for name, task in sorted(self.app.tasks.items()):
-            self._policies[name] = policy_for_task(task, self.settings)
-        self._check_shared_names()
-
-    def _check_shared_names(self) -> None:
-        """Tasks sharing a ``mutex_name`` must agree on its limit: a limit of 1
-        and of N name their nodes differently (``<key>`` against
-        ``<key>-0..N-1``) and would never see each other's holders."""
-        by_name: Dict[str, MutexPolicy] = {}
-        for policy in self._policies.values():
-            if policy is None:
-                continue
-            other = by_name.setdefault(policy.name, policy)
-            if other.limit != policy.limit:
-                raise MutexConfigError(
-                    f'tasks {other.task!r} and {policy.task!r} share mutex_name '
-                    f'{policy.name!r} with different mutex_limit ({other.limit} and '
-                    f'{policy.limit}): give them one limit, or different mutex_name')
-
-    def validate_pool(self, consumer: Any) -> None:
-        """Guarded tasks need a pool whose tasks the worker can kill when their
-        lease is lost (prefork): threads, solo and green pools run tasks in the
-        worker's own process, so a task would run on without its lease. Those
-        pools need ``mutex_on_session_loss='continue'``, which says so."""
-        if self.settings.on_session_loss == 'continue':
-            return
-        pool_cls = getattr(getattr(consumer, 'controller', None), 'pool_cls', None)
-        pool = getattr(consumer, 'pool', None)
-        module = getattr(pool_cls, '__module__', None) or type(pool).__module__
-        if module.endswith('.prefork') or module.startswith('unittest'):
-            return
-        guarded = sorted(n for n, p in self._policies.items() if p is not None)
-        if guarded:
-            raise MutexConfigError(
-                f'pool {module.rsplit(".", 1)[-1]!r} cannot stop a task whose lease is lost '
-                f'(it runs tasks in the worker process), so guarded tasks '
-                f'({", ".join(guarded[:3])}{", ..." if len(guarded) > 3 else ""}) would run '
-                f'on without exclusivity: use the prefork pool, or set '
-                f'mutex_on_session_loss=continue (--mutex-on-session-loss continue) to accept that')
-
-    def get(self, name: str) -> Optional[MutexPolicy]:
-        try:
-            return self._policies[name]
-        except KeyError:
-            policy = policy_for_task(self.app.tasks[name], self.settings)
-            self._policies[name] = policy
-            return policy
 
 
 class MutexGate:

@@ -7,7 +7,8 @@ from celery import bootsteps
 
 from .control import register_control_commands
 from .failclosed import guard_tasks
-from .gate import MutexGate, MutexPolicies
+from .gate import MutexGate
+from .policies import MutexPolicies
 from .inbox import Inbox
 from .lease import ZooKeeperLeases
 from .metrics import start_prometheus
