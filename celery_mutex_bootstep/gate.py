@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any, Dict, Optional
 
 from celery.worker import state as worker_state
 
 from . import messages
+from .capacity import PoolPlaces
 from .exceptions import MutexConfigError, MutexContended, MutexKeyError
 from .holders import Holders
 from .inbox import Inbox
@@ -78,12 +80,14 @@ class MutexGate:
         self.room = WaitingRoom(consumer, settings.max_held, self._expired, inbox.later)
         self._generation = 0
         self._watching: set = set()
+        self._in_flight: Counter = Counter()  # digest -> first tries not answered yet
         self._revoke_timer: Any = None
         self._last_unavailable_log = 0.0
         self._arrivals = 0
         self._post = inbox.post
         self.metrics = MutexMetrics()
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
+        self.places = PoolPlaces(consumer, inbox.post, self._pump, settings.lease_ahead)
         self.parked: Optional[ParkedKeys] = None
         if settings.park:
             self.parked = ParkedKeys(
@@ -105,25 +109,54 @@ class MutexGate:
             except MutexConfigError as exc:
                 return self._refuse(req, exc)
             if policy is None:
+                self.places.entered(req)
                 return self._next(req)
             try:
                 key = policy.key_for(req.args, req.kwargs)
             except MutexKeyError as exc:
                 return self._refuse(req, exc)
             self._arrivals += 1
-            seq = self._arrivals
-            if not self.leases.connected:
-                return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
-            if policy.contended == 'requeue' and (
-                    self.room.has_waiters(key.digest)
-                    or (self.parked is not None and self.parked.queue_behind(req, key))):
-                # Queue behind the key's waiters (here, and parked): arrival order.
-                return self._wait(req, key, LeaseOutcome.CONTENDED, seq=seq)
-            self._try(req, key, None, seq)
+            if self.places.line or not self.places.free():
+                return self.places.wait(req, key, self._arrivals)  # no hoarding
+            self._admit(req, key, self._arrivals)
         except Exception:  # never into the consumer's event loop
-            logger.exception('mutex: gate failed on %s[%s]; handing it back',
-                             getattr(req, 'name', '?'), getattr(req, 'id', '?'))
-            self._reject(req, requeue=True)
+            self._failed(req)
+
+    def _failed(self, req: Any) -> None:
+        logger.exception('mutex: gate failed on %s[%s]; handing it back',
+                         getattr(req, 'name', '?'), getattr(req, 'id', '?'))
+        self._reject(req, requeue=True)
+
+    def _admit(self, req: Any, key: MutexKey, seq: int) -> None:
+        """A pool place is free for ``req``: try its lease, or wait."""
+        if not self.leases.connected:
+            return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
+        if key.policy.contended == 'requeue' and (
+                self.room.has_waiters(key.digest)
+                or self._in_flight[key.digest] >= key.policy.limit
+                or (self.parked is not None and self.parked.queue_behind(req, key))):
+            # Queue behind the key's waiters (here, asking, and parked): arrival
+            # order, whatever order ZooKeeper's answers come back in.
+            return self._wait(req, key, LeaseOutcome.CONTENDED, seq=seq)
+        self._try(req, key, None, seq)
+
+    def _pump(self) -> None:
+        """Places freed: woken waiters first (each heads its key's line), then
+        requests in arrival order."""
+        places = self.places
+        while places.pending() and places.free():
+            digest = places.next_woken()
+            if digest is not None:
+                held = self.room.first(digest)
+                if held is not None and not held.trying:
+                    self._try(held.req, held.key, held)
+                continue
+            req, key, seq = places.line.popleft()
+            try:
+                if not req.revoked():  # else announced as revoked and acked
+                    self._admit(req, key, seq)
+            except Exception:
+                self._failed(req)
 
     def _try(self, req: Any, key: MutexKey, held: Optional[Held], seq: int = 0) -> None:
         generation = self._generation
@@ -135,6 +168,9 @@ class MutexGate:
 
         if held is not None:
             held.trying = True
+        else:
+            self._in_flight[key.digest] += 1
+        self.places.trying(req)
         data = lease_data(req, key, hostname=self.hostname,
                           store_values=self.settings.store_values)
         self.leases.acquire(key.slots, data, answered, owner=req.id)
@@ -143,8 +179,13 @@ class MutexGate:
                   outcome: str, lease: Optional[Lease], exc: Optional[BaseException],
                   seq: int = 0) -> None:
         try:
+            self.places.tried(req)
             if held is not None:
                 held.trying = False
+            elif generation == self._generation:
+                self._in_flight[key.digest] -= 1
+                if self._in_flight[key.digest] <= 0:
+                    del self._in_flight[key.digest]
             if lease is not None and outcome != LeaseOutcome.ACQUIRED:
                 self.leases.release(lease)  # won under a session given up since
                 lease = None
@@ -169,7 +210,7 @@ class MutexGate:
             elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
                 self._skip(req, key)
             else:
-                self._wait(req, key, outcome, exc, seq=seq)
+                self._wait(req, key, outcome, exc, seq=seq, tried=True)
         except Exception:
             logger.exception('mutex: could not handle the lease answer for %s[%s]',
                              req.name, req.id)
@@ -178,6 +219,8 @@ class MutexGate:
             if held is not None:
                 self.room.leave(held)
             self._reject(req, requeue=True)
+        finally:
+            self._pump()
 
     # -- acquired ----------------------------------------------------------
 
@@ -191,12 +234,13 @@ class MutexGate:
             'timeout': key.policy.timeout,
         }
         self.holders.add(req, lease, key.policy)
+        self.places.entered(req)
         self._next(req)
 
     # -- contended or unavailable -----------------------------------------
 
     def _wait(self, req: Any, key: MutexKey, outcome: str,
-              exc: Optional[BaseException] = None, seq: int = 0) -> None:
+              exc: Optional[BaseException] = None, seq: int = 0, tried: bool = False) -> None:
         worker_state.task_ready(req)
         if outcome == LeaseOutcome.CONTENDED:
             self.metrics.inc('contended')
@@ -206,7 +250,8 @@ class MutexGate:
             self.metrics.inc('unavailable')
             self._log_unavailable(req, exc)
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
-                and key.policy.contended == 'requeue' and self.parked.should_park(req, key)):
+                and key.policy.contended == 'requeue' and self.parked.should_park(
+                    req, key, self._in_flight[key.digest], tried)):
             self._park(req, key)
             return
         self.room.hold(req, key, key.policy.requeue_delay, seq)
@@ -230,9 +275,12 @@ class MutexGate:
             return
         held = self.room.first(digest)
         if held is not None and not held.trying:
-            logger.debug('mutex: %s freed? %s[%s] tries again', digest[:12],
-                         held.req.name, held.req.id)
-            self._try(held.req, held.key, held)
+            if not self.places.free():
+                self.places.woken(digest)  # it tries when a place frees
+            else:
+                logger.debug('mutex: %s freed? %s[%s] tries again', digest[:12],
+                             held.req.name, held.req.id)
+                self._try(held.req, held.key, held)
         if self.parked is not None:
             self.parked.refill(digest)
 
@@ -366,6 +414,7 @@ class MutexGate:
             self.parked.lot.wait_idle(3.0)
             self.inbox.drain()
         self._generation += 1
+        self._in_flight.clear()
         if self.parked is not None:
             self.parked.generation += 1
         if self._revoke_timer is not None:
@@ -373,13 +422,18 @@ class MutexGate:
             self._revoke_timer = None
         self.holders.pause(reconnect=reconnect)
         self._watching.clear()
-        for held in self.room.clear(restore_qos=False):
-            if not reconnect:
-                self.metrics.inc('requeued')
-                try:
-                    self._reject(held.req, requeue=True)
-                except Exception as exc:
-                    logger.warning('mutex: could not hand back %s: %r', held.req.id, exc)
+        in_line = self.places.reset()
+        for req in in_line:
+            worker_state.task_ready(req)
+        waiting = in_line + [held.req for held in self.room.clear(restore_qos=False)]
+        if reconnect:  # their channel is gone: the broker requeues them
+            return
+        for req in waiting:
+            self.metrics.inc('requeued')
+            try:
+                self._reject(req, requeue=True)
+            except Exception as exc:
+                logger.warning('mutex: could not hand back %s: %r', req.id, exc)
 
     def release_matching(self, **match: Any) -> list:
         return self.holders.release_matching(**match)
@@ -388,6 +442,7 @@ class MutexGate:
         return {
             'session': 'connected' if self.leases.connected else 'disconnected',
             'session_id': self.leases.session_id,
+            'waiting_for_a_process': len(self.places.line),
             'waiting': [{'task_id': h.req.id, 'task': h.req.name, 'key': h.key.digest,
                          'waited': round(time.monotonic() - h.since, 3)} for h in self.room],
             'leases': [

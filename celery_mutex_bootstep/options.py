@@ -187,6 +187,9 @@ class MutexSettings:
     tls: Optional[dict] = None
     require_lease: bool = True
     park: bool = True
+    #: Leases a worker may take beyond its pool's processes (no hoarding);
+    #: None: one per process, so a process never waits for ZooKeeper between tasks.
+    lease_ahead: Optional[int] = None
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
@@ -220,6 +223,7 @@ class MutexSettings:
         timeout = _conf(conf, 'mutex_timeout', 'MUTEX_TIMEOUT')
         delay = conf.get('mutex_requeue_delay')
         max_held = conf.get('mutex_max_held')
+        ahead = conf.get('mutex_lease_ahead')
         return cls(
             hosts=validate_hosts(hosts, hosts_source),
             namespace=_validate_path(
@@ -248,6 +252,8 @@ class MutexSettings:
             tls=validate_tls(conf.get('mutex_tls'), 'app config mutex_tls'),
             require_lease=bool(conf.get('mutex_require_lease', True)),
             park=bool(conf.get('mutex_park', True)),
+            lease_ahead=(None if ahead is None
+                         else _integer(ahead, 'app config mutex_lease_ahead', minimum=0)),
         )
 
 

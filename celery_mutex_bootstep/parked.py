@@ -62,15 +62,24 @@ class ParkedKeys:
             return not self.unparked(req)
         return False
 
-    def should_park(self, req: Any, key: Any) -> bool:
-        """Park rather than hold in the room (``req`` is contended)."""
+    def should_park(self, req: Any, key: Any, asking: int = 0, tried: bool = False) -> bool:
+        """Park rather than hold in the room (``req`` is contended).
+
+        ``asking``: earlier arrivals of the key whose first try is still out;
+        each has a room place kept, so a later arrival never takes it.
+        ``tried``: ``req`` is such an arrival, answered: its place was kept
+        (even if later arrivals were parked meanwhile, it is ahead of them).
+        """
         if len(self.room) >= self.max_held:
             return True
         if self.unparked(req):
             if key.digest not in self.flagged:  # its line goes on
                 self._flag(key, messages.origin_queue(self.c, req.message))
             return False
-        return key.digest in self.flagged or self.room.count(key.digest) >= self.cap(key)
+        if tried:
+            return self.room.count(key.digest) >= self.cap(key)
+        return (key.digest in self.flagged
+                or self.room.count(key.digest) + asking >= self.cap(key))
 
     def park(self, req: Any, key: Any) -> None:
         digest = key.digest

@@ -42,6 +42,8 @@ def make_app(name, *, queue, namespace):
         mutex_requeue_delay=float(os.environ.get('TEST_REQUEUE_DELAY', '0.2')),
         worker_prefetch_multiplier=int(os.environ.get('TEST_PREFETCH', '4')),
         mutex_park=os.environ.get('TEST_PARK', '1') == '1',
+        mutex_lease_ahead=(int(os.environ['TEST_LEASE_AHEAD'])
+                           if os.environ.get('TEST_LEASE_AHEAD') else None),
         broker_connection_retry_on_startup=True,
         result_expires=3600,
         # A test can let the worker take pickled messages (non-JSON arguments).

@@ -148,6 +148,8 @@ def test_malformed_hosts_name_the_flag_and_part(hosts, part):
     ({'mutex_timeout': 0}, 'app config mutex_timeout must be > 0'),
     ({'mutex_hosts': 'zk:x'}, "mutex_hosts: bad port 'x'"),
     ({'mutex_max_held': -1}, 'mutex_max_held must be >= 0'),
+    ({'mutex_lease_ahead': -1}, 'app config mutex_lease_ahead must be >= 0'),
+    ({'mutex_lease_ahead': 'two'}, 'app config mutex_lease_ahead must be an integer'),
 ])
 def test_app_config_mistakes(conf, message):
     with pytest.raises(MutexConfigError) as info:

@@ -109,3 +109,15 @@ def test_a_park_acks_the_original_only_once_confirmed_and_not_after_a_reconnect(
     parked.park(req2, KEY)
     lot.parks[1][4](req2, True)
     assert acked == [2] and parked.metrics['parked'] == 1
+
+
+def test_arrivals_still_asking_keep_their_room_places_in_arrival_order():
+    # p1's first try is out; p2 is in the room: p3 must park (p1 has a place kept)...
+    parked, lot, room, _ = make()
+    room.counts['d1'] = 1
+    assert parked.should_park(request(), KEY, asking=1)
+    parked.park(request(), KEY)  # ...which flags the key
+    # p1 answers "contended" after p3 parked: it is ahead of p3, so it keeps its place.
+    assert not parked.should_park(request(), KEY, tried=True)
+    room.counts['d1'] = 2
+    assert parked.should_park(request(), KEY, tried=True)  # the room is full after all
