@@ -52,6 +52,7 @@ from .orphans import OrphanReaper
 from .outcome import LeaseOutcome
 from .probe import probe_namespace
 from .session import SessionDeadline
+from .watches import Watches
 
 __all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
 
@@ -150,6 +151,7 @@ class ZooKeeperLeases:
         self.creates = CreateBatcher(self, schedule)
         self.deletes = DeleteBatcher(self)
         self.orphans = OrphanReaper(self)
+        self.watches = Watches(self)
         # This session's clock node (probe.py): a multi of creates ends with a setData on
         # it, whose answer (mzxid) is the creation zxid of the whole batch.
         self._clock: Optional[Tuple[str, int]] = None
@@ -213,6 +215,11 @@ class ZooKeeperLeases:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
+        # Nodes whose deletion watch is outstanding are held: no round trip.
+        keys = [k for k in keys if not self.watches.known_held(self.path_for(k))]
+        if not keys:
+            callback(LeaseOutcome.CONTENDED, None, None)
+            return
         if len(keys) == 1 and self.creates.add((list(keys), data, callback, owner, session_id)):
             return
         self.creates.try_create(list(keys), 0, data, callback, owner, session_id)
@@ -234,27 +241,12 @@ class ZooKeeperLeases:
     def watch(self, keys: Sequence[str], callback: Callable[[], None]) -> None:
         """Call ``callback()`` (kazoo's thread) once one of ``keys`` may be free.
 
-        A one-shot ZooKeeper watch per key; a key already free calls back at
-        once. Spurious calls are possible: the caller just tries again.
+        One ZooKeeper watch per node however often asked (:mod:`.watches`); a
+        key already free calls back at once. Spurious calls are possible: the
+        caller just tries again.
         """
-        if not self._connected:
-            return
-        for key in keys:
-            try:
-                result = self.client.exists_async(
-                    self.path_for(key), watch=lambda event: callback())
-            except Exception:
-                return
-            self.stats['watches'] += 1
-
-            def checked(result: Any) -> None:
-                try:
-                    stat = result.get_nowait()
-                except Exception:
-                    return
-                if stat is None:
-                    callback()
-            result.rawlink(checked)
+        if self._connected:
+            self.watches.watch([self.path_for(k) for k in keys], callback)
 
     def release(self, lease: Lease) -> bool:
         """Delete the lease's node, once. Safe from any thread.
@@ -293,12 +285,14 @@ class ZooKeeperLeases:
             probe_namespace(self, session_id)
             name = 'connected'
         elif state == KazooState.SUSPENDED:
+            self.watches.reset()
             with self._lock:
                 self._connected = False
                 self.disconnected_since = time.monotonic()
             name = 'suspended'
         else:
             self.deadline.reset()  # pool processes refuse to start from now on
+            self.watches.reset()
             with self._lock:
                 self._connected = False
                 self._session_id = None
@@ -324,6 +318,7 @@ class ZooKeeperLeases:
         # the holders must be gone by then.
         wait_until = time.monotonic() + max(0.0, self.deadline.margin - 0.05)
         self.deadline.reset()
+        self.watches.reset()
         with self._lock:
             if not self._started:
                 return

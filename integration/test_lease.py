@@ -194,3 +194,47 @@ def test_a_next_slot_asked_for_under_a_session_given_up_is_not_created_on_the_ne
     assert answers[0][0] == LeaseOutcome.UNAVAILABLE
     time.sleep(0.3)  # a create, had one been sent, is applied by now
     assert leases.client.exists(f'{namespace}/k-1') is None, 'created under the new session'
+
+
+def test_semaphore_watches_do_not_pile_up_and_a_known_full_one_costs_no_round_trip(
+        make_leases, observer, namespace):
+    holder, waiter = make_leases(), make_leases()
+    slots = ['sem-0', 'sem-1']
+    held = {s: acquire(holder, s)[1] for s in slots}
+    assert all(held.values())
+    assert acquire(waiter, slots)[0] == LeaseOutcome.CONTENDED
+    woken = []
+    event = threading.Event()
+
+    def wake():
+        woken.append(1)
+        event.set()
+    # As the gate does: one watch at a time, again after every wake-up. sem-1 stays
+    # held throughout; sem-0 changes hands 30 times.
+    for round_ in range(30):
+        event.clear()
+        exists = waiter.stats['watches']
+        waiter.watch(slots, wake)
+        assert wait_for(lambda: all(waiter.watches.known_held(waiter.path_for(s))
+                                    for s in slots)), 'watches not armed'
+        # Only the slot freed since is asked again; the held one's watch stands.
+        assert waiter.stats['watches'] - exists == (2 if round_ == 0 else 1)
+        creates = waiter.stats['creates']
+        assert acquire(waiter, slots)[0] == LeaseOutcome.CONTENDED
+        assert waiter.stats['creates'] == creates, 'a known-full semaphore was asked again'
+        holder.release(held['sem-0'])
+        assert event.wait(10), 'not woken when a slot was freed'
+        outcome, lease = acquire(holder, 'sem-0')
+        assert outcome == LeaseOutcome.ACQUIRED
+        held['sem-0'] = lease
+    assert len(woken) == 30
+    assert len(waiter.watches) == 0  # each waiter left both nodes when woken
+    # The long-held slot frees: one call for the one waiter, not one per retry.
+    event.clear()
+    waiter.watch(slots, wake)
+    assert wait_for(lambda: waiter.watches.known_held(waiter.path_for('sem-1')))
+    holder.release(held['sem-1'])
+    assert event.wait(10)
+    time.sleep(0.3)
+    assert len(woken) == 31
+    assert acquire(waiter, slots)[0] == LeaseOutcome.ACQUIRED
