@@ -1,15 +1,19 @@
 """Acquiring leases: their creates, gathered per turn of the caller's loop.
 
-Acquisitions asked for in one turn of the consumer's loop go out as one
-``multi`` of ephemeral creates that ends with a ``setData`` on the session's
-clock node; every op of a multi shares one zxid, so the clock's new mzxid is
-the creation zxid (the fencing token) of every node of the batch. A multi is
-atomic: if one key is held nothing is created, and the batch is asked for
-again key by key. A semaphore's slots are tried one after the other. A request
-asked for under a session given up since is not sent on the next one.
+Acquisitions asked for in one turn of the consumer's loop go out at the end
+of the turn; while a batch is in flight, new ones accumulate and go out when
+it returns (as releases do, :mod:`.deletes`): a lone acquisition is sent at
+once, a busy worker sends few large batches. A batch is one ``multi`` of
+ephemeral creates that ends with a ``setData`` on the session's clock node;
+every op of a multi shares one zxid, so the clock's new mzxid is the creation
+zxid (the fencing token) of every node of the batch. A multi is atomic: if one
+key is held nothing is created, and the batch is asked for again key by key.
+A semaphore's slots are tried one after the other. A request asked for under
+a session given up since is not sent on the next one.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, List, Optional
 
@@ -22,6 +26,9 @@ __all__ = ('CreateBatcher', 'MAX_BATCH')
 Callback = Callable[[str, Any, Optional[BaseException]], None]
 
 MAX_BATCH = 100
+# kazoo answers every request (ConnectionLoss at worst); past this a batch in
+# flight is taken as lost, so acquisitions can never stall behind it.
+_IN_FLIGHT_MAX = 5.0
 
 
 class CreateBatcher:
@@ -33,29 +40,58 @@ class CreateBatcher:
         # ``schedule(fn)`` runs fn once the caller's turn is over.
         self._schedule = schedule
         self._to_create: List[tuple] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._in_flight_since: Optional[float] = None
 
     def add(self, item: tuple) -> bool:
-        """Gather ``(keys, data, callback, owner, session id)`` for this turn's
-        multi; False when it must go out alone (no scheduler, no clock yet)."""
+        """Gather ``(keys, data, callback, owner, session id)`` for the next
+        batch; False when it must go out alone (no scheduler, no clock yet)."""
         clock = self.leases._clock
         if self._schedule is None or clock is None or clock[1] != item[4]:
             return False
-        self._to_create.append(item)
-        if len(self._to_create) == 1:
-            self._schedule(self._send)
+        with self._lock:
+            self._to_create.append(item)
+            since = self._in_flight_since
+            if since is not None and time.monotonic() - since < _IN_FLIGHT_MAX:
+                return True  # goes out when the batch in flight returns
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        self._schedule(self._send)
         return True
 
+    def _landed(self) -> None:
+        """The batch in flight answered (kazoo's thread): send what waited."""
+        with self._lock:
+            self._in_flight_since = None
+            if not self._to_create or self._scheduled:
+                return
+        self._send()
+
     def _send(self) -> None:
-        """Send the acquisitions gathered in this turn (caller's thread)."""
-        batch, self._to_create = self._to_create[:MAX_BATCH], self._to_create[MAX_BATCH:]
-        if self._to_create:
+        """Send the gathered acquisitions (caller's thread, or kazoo's when a
+        batch returned)."""
+        with self._lock:
+            self._scheduled = False
+            batch = self._to_create[:MAX_BATCH]
+            self._to_create = self._to_create[MAX_BATCH:]
+            if not batch:
+                return
+            self._in_flight_since = time.monotonic()
+            more = bool(self._to_create)
+        if more:
+            with self._lock:
+                self._scheduled = True
             self._schedule(self._send)
         paths = [self.leases.path_for(item[0][0]) for item in batch]
         clock = self.leases._clock
         if (len(batch) == 1 or len(set(paths)) != len(paths) or clock is None
                 or any(item[4] != clock[1] for item in batch)):
-            for item in batch:
-                self.try_create(item[0], 0, *item[1:])
+            last = len(batch) - 1
+            for i, item in enumerate(batch):
+                self.try_create(item[0], 0, *item[1:],
+                                landed=self._landed if i == last else None)
             return
         try:
             tx = self.leases.client.transaction()
@@ -64,6 +100,7 @@ class CreateBatcher:
             tx.set_data(clock[0], b'')
             async_result = tx.commit_async()
         except Exception:
+            self._landed()
             for item in batch:
                 self.try_create(item[0], 0, *item[1:])
             return
@@ -72,6 +109,7 @@ class CreateBatcher:
         sent_at = time.monotonic()
 
         def created(result: Any) -> None:
+            self._landed()
             try:
                 answers = result.get_nowait()
             except ConnectionLoss as exc:
@@ -97,7 +135,15 @@ class CreateBatcher:
         async_result.rawlink(created)
 
     def try_create(self, keys: List[str], i: int, data: bytes, callback: Callback,
-                    owner: Any, session_id: Optional[int]) -> None:
+                   owner: Any, session_id: Optional[int],
+                   landed: Optional[Callable[[], None]] = None) -> None:
+        """Create ``keys[i]``, else the next slot; ``landed()`` once answered."""
+        if landed is not None:
+            done = callback
+
+            def callback(outcome: str, lease: Any, exc: Optional[BaseException]) -> None:
+                landed()
+                done(outcome, lease, exc)
         key = keys[i]
         path = self.leases.path_for(key)
         if session_id != self.leases._session_id or not self.leases.connected:
