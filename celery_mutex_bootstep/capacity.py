@@ -37,6 +37,10 @@ from .request_end import watch_request_end
 __all__ = ('PoolPlaces',)
 
 
+def _nothing() -> None:
+    pass
+
+
 class PoolPlaces:
     """Free places in the pool, and who waits for one (consumer thread)."""
 
@@ -78,15 +82,19 @@ class PoolPlaces:
         """The attempt answered (the caller pumps the line afterwards)."""
         self._trying.pop(id(req), None)
 
-    def entered(self, req: Any) -> None:
-        """``req`` is handed to the pool: its place is taken until it ends."""
+    def entered(self, req: Any, watch: bool = True) -> Callable[[], None]:
+        """``req`` is handed to the pool: its place is taken until it ends.
+        Returns the call that frees it; ``watch=False``: the caller calls it
+        from the end hook it already has on the request."""
         rid = id(req)
         self._in_pool[rid] = req
         post, left = self._post, self._left
 
         def ended() -> None:
             post(left, rid, req)
-        watch_request_end(req, ended=ended, killed=ended, started=lambda: None)
+        if watch:
+            watch_request_end(req, ended=ended, killed=ended, started=_nothing)
+        return ended
 
     def _left(self, rid: int, req: Any) -> None:
         if self._in_pool.get(rid) is req:

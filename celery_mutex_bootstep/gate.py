@@ -226,15 +226,15 @@ class MutexGate:
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
         self.metrics.inc('acquired')
-        logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
-                     key.describe(), lease.token)
+        if logger.isEnabledFor(logging.DEBUG):  # describe() formats the values
+            logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
+                         key.describe(), lease.token)
         req._request_dict['mutex_lease'] = {
             'mutex': key.policy.name, 'key': lease.key, 'path': lease.path,
             'token': lease.token, 'session': lease.session_id,
             'timeout': key.policy.timeout,
         }
-        self.holders.add(req, lease, key.policy)
-        self.places.entered(req)
+        self.holders.add(req, lease, key.policy, on_end=self.places.entered(req, watch=False))
         self._next(req)
 
     # -- contended or unavailable -----------------------------------------
@@ -245,7 +245,8 @@ class MutexGate:
         if outcome == LeaseOutcome.CONTENDED:
             self.metrics.inc('contended')
             req.send_event('mutex-contended', key=key.digest, mutex=key.describe())
-            logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
         else:
             self.metrics.inc('unavailable')
             self._log_unavailable(req, exc)
