@@ -21,6 +21,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
+from .waiting_summary import waiting_summary
+
 __all__ = ('Held', 'WaitingRoom', 'SINCE_HEADER', 'waiting_since')
 
 SINCE_HEADER = 'x-mutex-waiting-since'
@@ -148,6 +150,10 @@ class WaitingRoom:
         if not held.gone:
             held.entry = None
             self.on_expire(held)
+
+    def summary(self, parked: Any = None) -> Dict[str, Any]:
+        """Per key, what waits here and parked (:mod:`.waiting_summary`)."""
+        return waiting_summary(self, parked)
 
     def clear(self, *, restore_qos: bool) -> List[Held]:
         """Everyone leaves at once (consumer stop); returns who was held."""
