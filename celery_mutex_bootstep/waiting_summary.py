@@ -1,5 +1,5 @@
 """Per key, what waits for it in this worker: for ``celery inspect
-mutex_leases`` and ``celery mutex list``.
+mutex_leases``, ``celery mutex list`` and the Prometheus gauges.
 
 A key's messages wait in this worker's consumer (the waiting room) or parked
 on the broker. For each key with waiters here, or whose park queue this worker
@@ -18,10 +18,11 @@ Built on the consumer thread from what is in memory: no network call.
 """
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ('waiting_summary', 'SUMMARY_MAX')
+__all__ = ('waiting_summary', 'waiting_gauges', 'ConsumerGauges', 'SUMMARY_MAX')
 
 # Keys listed per reply (the longest waits first); the totals count them all.
 SUMMARY_MAX = 100
@@ -70,3 +71,37 @@ def _entry(key: Any) -> Dict[str, Any]:
     describe = getattr(key, 'describe', None)
     return {'key': key.digest, 'mutex': describe() if callable(describe) else None,
             'waiting': 0, 'parked': None, '_room': None, '_parked': None}
+
+
+def waiting_gauges(room: Any, parked: Any) -> Dict[str, float]:
+    """The Prometheus gauges (no per-key label: keys are unbounded)."""
+    totals = waiting_summary(room, parked)['waiting_totals']
+    return {'waiting': totals['waiting'], 'parked_keys': totals['parked_keys'],
+            'parked_messages': totals['parked'],
+            'oldest_wait_seconds': totals['oldest_wait']}
+
+
+class ConsumerGauges:
+    """Gauge values for a scrape, which runs on the exporter's thread: computed on
+    the consumer thread, which owns the waiting room, through ``post``. A
+    consumer too busy to answer within ``wait`` seconds gets the last values
+    served instead of stalling the scrape."""
+
+    def __init__(self, compute: Callable[[], Dict[str, float]],
+                 post: Callable[..., None], wait: float = 1.0) -> None:
+        self.compute = compute
+        self.post = post
+        self.wait = wait
+        self._last: Dict[str, float] = {}
+
+    def __call__(self) -> Dict[str, float]:
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._last = self.compute()
+            finally:
+                done.set()
+        self.post(run)
+        done.wait(self.wait)
+        return dict(self._last)

@@ -1,10 +1,11 @@
-"""The per-key summary of what waits in a worker (through real workers:
-integration/test_waiting.py)."""
+"""The per-key summary of what waits in a worker, and the gauges built from it
+(through real workers: integration/test_waiting.py)."""
 from types import SimpleNamespace
 
 from celery_mutex_bootstep.parked_view import ParkedView
 from celery_mutex_bootstep.waiting import SINCE_HEADER, waiting_since
-from celery_mutex_bootstep.waiting_summary import waiting_summary
+from celery_mutex_bootstep.waiting_summary import (ConsumerGauges, waiting_gauges,
+                                                   waiting_summary)
 
 
 def key(digest):
@@ -38,10 +39,12 @@ def test_room_and_parked_waiters_per_key_longest_wait_first():
                                          'parked': 8, 'oldest_wait': 10.0}
 
 
-def test_without_parking_only_the_room_counts():
+def test_without_parking_only_the_room_counts_and_nothing_waiting_is_zero():
     summary = waiting_summary([held('k', 40.0)], None, now=50.0)
     assert summary['waiting_keys'][0]['oldest_wait'] == 10.0
     assert summary['waiting_totals']['parked_keys'] == 0
+    assert waiting_gauges([], None) == {'waiting': 0, 'parked_keys': 0,
+                                        'parked_messages': 0, 'oldest_wait_seconds': 0.0}
 
 
 def test_a_message_keeps_the_time_it_first_waited_across_parks():
@@ -52,3 +55,17 @@ def test_a_message_keeps_the_time_it_first_waited_across_parks():
     assert waiting_since(req) == 123.5, 'remembered on the request'
     future = SimpleNamespace(message=SimpleNamespace(headers={SINCE_HEADER: 1e12}))
     assert waiting_since(future) < 1e12, 'a time from the future is not believed'
+
+
+def test_gauges_are_computed_through_the_consumer_and_a_busy_one_serves_the_last():
+    computed, queued = [], []
+
+    def compute():
+        computed.append(1)
+        return {'waiting': len(computed)}
+    gauges = ConsumerGauges(compute, lambda fun: fun(), wait=0.01)
+    assert gauges() == {'waiting': 1} and gauges() == {'waiting': 2}
+    gauges.post = queued.append          # the consumer does not get to it
+    assert gauges() == {'waiting': 2} and len(computed) == 2
+    queued[0]()                          # it does, late
+    assert gauges() == {'waiting': 3}
