@@ -84,7 +84,7 @@ class ParkedKeys:
         if digest not in self._registered:
             self._registered.add(digest)
             self.lot.register(digest, [self.lot.leases.path_for(s) for s in key.slots],
-                              queue_type)
+                              queue_type, mutex=getattr(key.policy, 'name', None))
 
     def _flag(self, key: Any, origin: Optional[str]) -> Optional[str]:
         self.flagged[key.digest] = key

@@ -115,10 +115,14 @@ class ParkingLot:
         got)`` follows: True moved one, False the park queue was empty, None failed."""
         self._submit(('unpark', digest, queue_type, done))
 
-    def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str]) -> None:
-        """Name the park queue in ZooKeeper, for the sweeps (asynchronous)."""
+    def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str],
+                 mutex: Optional[str] = None) -> None:
+        """Name the park queue in ZooKeeper, for the sweeps and ``celery mutex list``
+        (asynchronous). ``mutex`` is the mutex name only: key values stay in lease
+        nodes, where ``mutex_store_values`` decides."""
         data = json.dumps({'queue': park_queue_name(self.leases.namespace, digest),
-                           'paths': list(paths), 'queue_type': queue_type}).encode()
+                           'paths': list(paths), 'queue_type': queue_type,
+                           'mutex': mutex}).encode()
         try:
             self.leases.client.create_async(f'{self.root}/{digest}', data, makepath=True)
         except Exception:  # no session now: a later park registers it
