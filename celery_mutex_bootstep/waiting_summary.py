@@ -85,7 +85,8 @@ class ConsumerGauges:
     """Gauge values for a scrape, which runs on the exporter's thread: computed on
     the consumer thread, which owns the waiting room, through ``post``. A
     consumer too busy to answer within ``wait`` seconds gets the last values
-    served instead of stalling the scrape."""
+    served instead of stalling the scrape (and no second request queued behind
+    the first: a stopped consumer would pile them up)."""
 
     def __init__(self, compute: Callable[[], Dict[str, float]],
                  post: Callable[..., None], wait: float = 1.0) -> None:
@@ -93,15 +94,22 @@ class ConsumerGauges:
         self.post = post
         self.wait = wait
         self._last: Dict[str, float] = {}
+        self._asked: Optional[threading.Event] = None
+        self._lock = threading.Lock()
 
     def __call__(self) -> Dict[str, float]:
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                self._last = self.compute()
-            finally:
-                done.set()
-        self.post(run)
+        with self._lock:
+            done, ask = self._asked, False
+            if done is None or done.is_set():
+                done = self._asked = threading.Event()
+                ask = True
+        if ask:
+            self.post(self._run, done)
         done.wait(self.wait)
         return dict(self._last)
+
+    def _run(self, done: threading.Event) -> None:
+        try:
+            self._last = self.compute()
+        finally:
+            done.set()

@@ -63,9 +63,11 @@ def test_gauges_are_computed_through_the_consumer_and_a_busy_one_serves_the_last
     def compute():
         computed.append(1)
         return {'waiting': len(computed)}
-    gauges = ConsumerGauges(compute, lambda fun: fun(), wait=0.01)
+    gauges = ConsumerGauges(compute, lambda fun, *args: fun(*args), wait=0.01)
     assert gauges() == {'waiting': 1} and gauges() == {'waiting': 2}
-    gauges.post = queued.append          # the consumer does not get to it
-    assert gauges() == {'waiting': 2} and len(computed) == 2
-    queued[0]()                          # it does, late
-    assert gauges() == {'waiting': 3}
+    gauges.post = lambda fun, *args: queued.append((fun, args))  # the consumer is busy
+    assert gauges() == {'waiting': 2} and gauges() == {'waiting': 2}
+    assert len(queued) == 1, 'one request at a time, not one per scrape'
+    fun, args = queued[0]
+    fun(*args)                           # it answers, late
+    assert gauges() == {'waiting': 3} and len(computed) == 3
