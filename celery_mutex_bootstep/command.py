@@ -18,6 +18,8 @@ Where the data comes from:
 * The workers, through the ``mutex_leases`` remote-control command. A lease is
   *claimed* when a worker's reply lists its path and that worker's session is
   the node's owner.
+* ``list`` also shows, per key, the messages that wait: in the workers'
+  consumers and parked on the broker (:mod:`.waiting_report`).
 
 How a lease is judged:
 
@@ -63,6 +65,7 @@ from .control import register_control_commands
 from .options import MutexSettings, _validate_path, validate_hosts
 from .payload import parse_lease_data
 from .security import client_options, validate_auth
+from .waiting_report import read_parked, waiting
 
 __all__ = ('mutex',)
 
@@ -981,7 +984,8 @@ def _app(ctx: click.Context) -> Any:
 @_common_options
 @click.pass_context
 def list_(ctx: click.Context, **kwargs: Any) -> None:
-    """Show every lease: task, key values, holder, task id, age, token; flag STALE ones.
+    """Show every lease: task, key values, holder, task id, age, token; flag STALE ones;
+    then, per key, the messages that wait (in the workers and parked) and the oldest wait.
 
     A lease is STALE when it is older than its mutex_timeout or when no live
     worker claims it; "unclaimed?" when nobody who could claim it answered.
@@ -992,8 +996,14 @@ def list_(ctx: click.Context, **kwargs: Any) -> None:
     target = _target(app, opts)
     with zookeeper(target, opts.zk_timeout) as client:
         snap = snapshot(app, client, target, opts)
+        parked = read_parked(client, target.namespace, opts.zk_timeout)
+    if parked and not snap.leases:  # lines nobody holds now: ask the workers anyway
+        snap.workers = ask_workers(app, opts.timeout)
+    waits = waiting(app, snap.leases, snap.workers.replies, parked, max(opts.timeout, 2.0))
     if opts.as_json:
-        _emit_json(list_json(snap))
+        _emit_json({**list_json(snap), 'waiting': waits.as_json()})
+    elif snap.leases or waits.keys:
+        ctx.obj.echo(render_list(snap) + '\n\n' + waits.render())
     else:
         ctx.obj.echo(render_list(snap))
     if snap.stale:

@@ -454,6 +454,7 @@ class MutexGate:
                 for lease in self.leases.held()
             ],
             **(self.parked.info() if self.parked is not None else {}),
+            **self.room.summary(self.parked),
             **self.metrics.snapshot(),
             'zookeeper_ops': dict(self.leases.stats),
         }

@@ -1,13 +1,14 @@
 """Counters and a hold-time histogram, readable by ``celery inspect mutex_leases``
-and, with the ``prometheus`` extra, exported to Prometheus."""
+and, with the ``prometheus`` extra, exported to Prometheus with gauges of what
+waits (``GAUGES``; labelled by worker only: keys are unbounded)."""
 from __future__ import annotations
 
 import bisect
 import logging
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'start_prometheus', 'prometheus_address')
+__all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'GAUGES', 'start_prometheus', 'prometheus_address')
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +16,15 @@ COUNTERS = ('acquired', 'contended', 'requeued', 'republished', 'skipped',
             'unavailable', 'refused', 'released', 'overran', 'lost', 'parked', 'unparked')
 # Seconds; the last bucket is +Inf.
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
+# celery_mutex_<name>: help (values from MutexMetrics.gauges, see waiting_summary.py).
+GAUGES = {
+    'waiting': "Messages waiting for their key in this worker's consumer",
+    'parked_keys': 'Keys whose park queue this worker follows',
+    'parked_messages': 'Messages in the park queues this worker follows, as last counted '
+                       '(a key followed by several workers counts in each)',
+    'oldest_wait_seconds': 'Seconds the longest-waiting message known to this worker '
+                           'has waited for its key (0: none waits)',
+}
 
 
 class MutexMetrics:
@@ -25,6 +35,8 @@ class MutexMetrics:
         self.counts: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._hold_buckets: List[int] = [0] * (len(HOLD_BUCKETS) + 1)
         self._hold_sum = 0.0
+        # Set by the step: the gauges' current values (called on the exporter's thread).
+        self.gauges: Optional[Callable[[], Dict[str, float]]] = None
 
     def inc(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -91,7 +103,8 @@ def start_prometheus(metrics: MutexMetrics, port: int, worker: Optional[str] = N
 def _start(metrics: MutexMetrics, port: int, worker: Optional[str], tries: int) -> Optional[str]:
     try:
         from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
     except ImportError:
         logger.warning('mutex: mutex_prometheus_port is set but prometheus-client is not '
                        'installed (pip install celery-mutex-bootstep[prometheus])')
@@ -110,6 +123,13 @@ def _start(metrics: MutexMetrics, port: int, worker: Optional[str], tries: int) 
                                            'Time a lease was held', labels=['worker'])
             family.add_metric([worker or ''], list(hist['buckets'].items()), hist['sum'])
             yield family
+            values = metrics.gauges() if metrics.gauges is not None else {}
+            for name, help_text in GAUGES.items():
+                if name in values:
+                    gauge = GaugeMetricFamily(f'celery_mutex_{name}', help_text,
+                                              labels=['worker'])
+                    gauge.add_metric([worker or ''], values[name])
+                    yield gauge
 
     # A private registry: the global REGISTRY may hold the application's own
     # metrics, and its process/platform collectors are not ours to serve.

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional
 
 from . import messages
 from .parking import UNPARKED_HEADER, ParkingLot
+from .waiting import waiting_since
 
 __all__ = ('ParkedKeys',)
 
@@ -87,11 +88,12 @@ class ParkedKeys:
         queue_type = self._flag(key, origin)
         self.in_flight += 1
         req._mutex_park_generation = self.generation
+        waiting_since(req)  # its wait began now, unless it waited here or parked before
         self.lot.park(req, digest, origin, queue_type, self._parked)
         if digest not in self._registered:
             self._registered.add(digest)
             self.lot.register(digest, [self.lot.leases.path_for(s) for s in key.slots],
-                              queue_type)
+                              queue_type, mutex=getattr(key.policy, 'name', None))
 
     def _flag(self, key: Any, origin: Optional[str]) -> Optional[str]:
         self.flagged[key.digest] = key

@@ -29,6 +29,11 @@ Guarantees and limits:
 * Park queues are not deleted (RabbitMQ's ``x-expires`` would delete one
   holding messages): one empty durable queue stays per key that was ever
   parked on RabbitMQ (Redis drops empty lists itself).
+
+What waits is visible without asking the broker (:mod:`.parked_view`): a parked
+copy carries when it first waited (``x-mutex-waiting-since``) and when it was
+parked (``x-mutex-parked-at``); each sweep also counts the messages of the park
+queues this worker follows (``queue_declare``'s message count).
 """
 from __future__ import annotations
 
@@ -42,17 +47,24 @@ from typing import Any, Callable, Deque, Dict, Optional, Sequence
 
 from kombu import Queue
 
+from .parked_view import ParkedView
 from .republisher import confirmed_connection, publish_message
+from .waiting import SINCE_HEADER, waiting_since
 
-__all__ = ('ParkingLot', 'park_queue_name', 'ORIGIN_HEADER', 'UNPARKED_HEADER')
+__all__ = ('ParkingLot', 'park_queue_name', 'ORIGIN_HEADER', 'UNPARKED_HEADER',
+           'PARKED_AT_HEADER')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
 ORIGIN_HEADER = 'x-mutex-origin'
 UNPARKED_HEADER = 'x-mutex-unparked'
+PARKED_AT_HEADER = 'x-mutex-parked-at'
 PARK_PREFIX = 'celery-mutex.park.'
 SWEEP_EVERY = 5.0
 _ZK_WAIT = 5.0
+# Park queues counted per sweep (the least recently counted first): one round
+# trip each, so a worker following thousands of hot keys does not flood the broker.
+MEASURE_PER_SWEEP = 100
 
 
 def park_queue_name(namespace: str, digest: str) -> str:
@@ -87,6 +99,8 @@ class ParkingLot:
         self._producer: Any = None
         self._declared: set = set()
         self._busy = False
+        self.view = ParkedView()
+        self._types: Dict[str, Optional[str]] = {}  # digest -> x-queue-type, as used
 
     # -- asked for on the consumer thread -----------------------------------
 
@@ -101,10 +115,14 @@ class ParkingLot:
         got)`` follows: True moved one, False the park queue was empty, None failed."""
         self._submit(('unpark', digest, queue_type, done))
 
-    def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str]) -> None:
-        """Name the park queue in ZooKeeper, for the sweeps (asynchronous)."""
+    def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str],
+                 mutex: Optional[str] = None) -> None:
+        """Name the park queue in ZooKeeper, for the sweeps and ``celery mutex list``
+        (asynchronous). ``mutex`` is the mutex name only: key values stay in lease
+        nodes, where ``mutex_store_values`` decides."""
         data = json.dumps({'queue': park_queue_name(self.leases.namespace, digest),
-                           'paths': list(paths), 'queue_type': queue_type}).encode()
+                           'paths': list(paths), 'queue_type': queue_type,
+                           'mutex': mutex}).encode()
         try:
             self.leases.client.create_async(f'{self.root}/{digest}', data, makepath=True)
         except Exception:  # no session now: a later park registers it
@@ -160,29 +178,38 @@ class ParkingLot:
     def _park(self, req: Any, digest: str, origin: str, queue_type: Optional[str],
               done: Callable[[Any, bool], None]) -> None:
         name = park_queue_name(self.leases.namespace, digest)
+        self._types[digest] = queue_type
+        since, parked_at = waiting_since(req), time.time()
         try:
             producer = self._producer_for()
             self._declare(name, queue_type)
-            publish_message(producer, req.message, '', name, {ORIGIN_HEADER: origin})
+            publish_message(producer, req.message, '', name, {
+                ORIGIN_HEADER: origin, SINCE_HEADER: since, PARKED_AT_HEADER: parked_at})
         except Exception as exc:
             self._drop_connection()
             logger.warning('mutex: could not park %s[%s] (%r); it goes back to its queue',
                            req.name, req.id, exc)
             self.post(done, req, False)
             return
+        self.view.parked(digest, parked_at, since)
         self.post(done, req, True)
 
     def _unpark(self, digest: str, queue_type: Optional[str]) -> Optional[bool]:
         name = park_queue_name(self.leases.namespace, digest)
+        self._types[digest] = queue_type
         try:
             producer = self._producer_for()
             self._declare(name, queue_type)
             message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
             if message is None:
+                self.view.measured(digest, 0)
                 return False
-            origin = (message.headers or {}).get(ORIGIN_HEADER) or 'celery'
+            headers = message.headers or {}
+            origin = headers.get(ORIGIN_HEADER) or 'celery'
             publish_message(producer, message, '', origin, {UNPARKED_HEADER: 1})
             message.ack()
+            parked_at = headers.get(PARKED_AT_HEADER)
+            self.view.unparked(digest, parked_at if isinstance(parked_at, (int, float)) else None)
             return True
         except Exception as exc:  # what was taken and not acked goes back
             self._drop_connection()
@@ -192,6 +219,7 @@ class ParkingLot:
     def _sweep(self) -> None:
         """Unpark one message of every registered key that is free and that this
         worker does not track (their parker may have died)."""
+        self._measure()
         client = self.leases.client
         if not self.leases.connected:
             return
@@ -218,6 +246,26 @@ class ParkingLot:
                                 digest[:12])
             except Exception as exc:
                 logger.debug('mutex: sweep of %s: %r', digest[:12], exc)
+
+    def _measure(self) -> None:
+        """Count the messages in the park queues of the keys this worker follows."""
+        known = set(self.known())
+        self.view.retain(known)
+        for digest in [d for d in self._types if d not in known]:
+            del self._types[digest]
+        for digest in self.view.due(list(self._types), MEASURE_PER_SWEEP):
+            name = park_queue_name(self.leases.namespace, digest)
+            try:
+                producer = self._producer_for()
+                # Declared as parking declares it (a passive declare of a queue
+                # Redis dropped once empty would fail): the same queue, its count.
+                ok = _queue(name, self._types[digest])(producer.channel).queue_declare()
+            except Exception as exc:
+                self._drop_connection()
+                logger.debug('mutex: could not count %s (%r)', name, exc)
+                return
+            self._declared.add(name)
+            self.view.measured(digest, ok.message_count)
 
     # -- connection --------------------------------------------------------
 

@@ -14,6 +14,7 @@ from .lease import ZooKeeperLeases
 from .metrics import start_prometheus
 from .options import MutexSettings
 from .security import client_options
+from .waiting_summary import ConsumerGauges, waiting_gauges
 
 __all__ = ('MutexStep',)
 
@@ -67,6 +68,8 @@ class MutexStep(bootsteps.StartStopStep):
         self.gate = MutexGate(c, self.leases, policies, self.settings, inbox)
         self.gate.install()
         c.mutex_gate = self.gate
+        self.gate.metrics.gauges = ConsumerGauges(
+            lambda: waiting_gauges(self.gate.room, self.gate.parked), inbox.post)
 
     def start(self, c: Any) -> None:
         self.leases.start()

@@ -10,6 +10,10 @@ messages are in the worker.
 Each held message has a deadline (its ``mutex_requeue_delay``); the owner is
 told when it passes (``on_expire``) and decides what happens to the message.
 Consumer thread only.
+
+A message's wait is counted from when it first waited for its key, on any
+worker: a parked copy carries that time in ``x-mutex-waiting-since``
+(:func:`waiting_since`), so an unparked message keeps its age.
 """
 from __future__ import annotations
 
@@ -17,13 +21,35 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
-__all__ = ('Held', 'WaitingRoom')
+from .waiting_summary import waiting_summary
+
+__all__ = ('Held', 'WaitingRoom', 'SINCE_HEADER', 'waiting_since')
+
+SINCE_HEADER = 'x-mutex-waiting-since'
+
+
+def waiting_since(req: Any) -> float:
+    """When ``req``'s message first waited for its key (wall clock): its header
+    if it was parked before, else now; remembered on the request."""
+    since = getattr(req, '_mutex_waiting_since', None)
+    if since is None:
+        now = time.time()
+        headers = getattr(getattr(req, 'message', None), 'headers', None) or {}
+        value = headers.get(SINCE_HEADER)
+        # A time from the future (another host's clock) would be a negative wait.
+        since = float(value) if isinstance(value, (int, float)) and 0 < value <= now else now
+        try:
+            req._mutex_waiting_since = since
+        except AttributeError:  # a request without a __dict__ (tests)
+            pass
+    return since
 
 
 class Held:
     """One held message: its request, key, and state."""
 
-    __slots__ = ('req', 'key', 'seq', 'entry', 'compensated', 'since', 'trying', 'gone')
+    __slots__ = ('req', 'key', 'seq', 'entry', 'compensated', 'since', 'waiting_since',
+                 'trying', 'gone')
 
     def __init__(self, req: Any, key: Any, compensated: int, seq: int = 0) -> None:
         self.req = req
@@ -31,7 +57,8 @@ class Held:
         self.seq = seq
         self.entry: Any = None
         self.compensated = compensated  # what holding it added to the prefetch count
-        self.since = time.monotonic()
+        self.since = time.monotonic()          # in this room
+        self.waiting_since = waiting_since(req)  # first wait, wall clock, any worker
         self.trying = False   # an acquisition for it is in flight
         self.gone = False     # left the room (granted, handed back, revoked)
 
@@ -123,6 +150,10 @@ class WaitingRoom:
         if not held.gone:
             held.entry = None
             self.on_expire(held)
+
+    def summary(self, parked: Any = None) -> Dict[str, Any]:
+        """Per key, what waits here and parked (:mod:`.waiting_summary`)."""
+        return waiting_summary(self, parked)
 
     def clear(self, *, restore_qos: bool) -> List[Held]:
         """Everyone leaves at once (consumer stop); returns who was held."""

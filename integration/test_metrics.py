@@ -23,6 +23,9 @@ def test_counters_histogram_and_prometheus_export(scenario):
     text = urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5).read().decode()
     assert 'celery_mutex_acquired_total{worker="%s"} 2.0' % s.nodename(w) in text
     assert 'celery_mutex_hold_seconds_count{worker="%s"} 2.0' % s.nodename(w) in text
+    # the gauges of what waits: nothing now, and no per-key label on any of them
+    for gauge in ('waiting', 'parked_keys', 'parked_messages', 'oldest_wait_seconds'):
+        assert 'celery_mutex_%s{worker="%s"} 0.0' % (gauge, s.nodename(w)) in text, text
 
 
 def test_two_workers_on_one_host_with_one_prometheus_port(scenario):

@@ -17,7 +17,7 @@ class FakeLot:
     def unpark(self, digest, queue_type, done):
         self.unparks.append((digest, done))
 
-    def register(self, digest, paths, queue_type):
+    def register(self, digest, paths, queue_type, mutex=None):
         self.registered.append(digest)
 
 
