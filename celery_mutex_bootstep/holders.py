@@ -283,6 +283,7 @@ class Holders:
 
     def republish(self, req: Any) -> None:
         req._mutex_republishing = True
+        req._mutex_origin = messages.origin_queue(self.c, req.message)
         self.republisher.submit(req)
 
     def _republished(self, req: Any) -> None:

@@ -38,7 +38,14 @@ _BACKOFF_MAX = 2.0
 
 
 def publish_copy(producer: Any, req: Any) -> None:
-    """Publish a copy of ``req``'s message with ``producer`` (raises on failure)."""
+    """Publish a copy of ``req``'s message with ``producer`` (raises on failure):
+    to the queue it came from (``req._mutex_origin``, through the default
+    exchange), not to its exchange, where a fanout or topic binding would
+    deliver the copy to every bound queue again."""
+    origin = getattr(req, '_mutex_origin', None)
+    if origin:
+        publish_message(producer, req.message, '', origin)
+        return
     info = req.message.delivery_info or {}
     publish_message(producer, req.message, info.get('exchange') or '', info.get('routing_key'))
 

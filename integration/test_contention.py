@@ -246,3 +246,37 @@ def test_a_waiting_message_is_redelivered_at_most_once_per_requeue_delay(scenari
     print(f'held {held_for:.2f}s, waiter delivered {deliveries} times')
     assert 1 <= deliveries <= held_for / 0.2 + 2
     assert overlaps(list(runs.values())) == []
+
+
+def test_a_republished_copy_goes_to_its_queue_only_not_to_every_queue_of_its_exchange(scenario):
+    # A task published to a fanout exchange bound to the worker's queue and to
+    # another: a republished copy must reach the worker's queue only (before, it
+    # went to the exchange, and the other queue got the task a second time).
+    from kombu import Exchange, Queue
+    s = scenario
+    fanout = Exchange(f'{s.queue}-fan', type='fanout', durable=False, auto_delete=False)
+    other = f'{s.queue}-other'
+    with s.client.connection_for_write() as conn:
+        channel = conn.default_channel
+        fanout.declare(channel=channel)
+        for name in (s.queue, other):
+            Queue(name, exchange=fanout, channel=channel).declare()
+    try:
+        w = s.worker('w1', concurrency=2, env={
+            'TEST_PARK': '0', 'TEST_REPUBLISH_AFTER': '1', 'TEST_REQUEUE_DELAY': '0.2'})
+        holder = s.send('work', 'fan', 2.0, 0)
+        wait_for(lambda: s.records.count('start') == 1, message='holder')
+        # As a quorum queue would have counted it: the next hand-back republishes.
+        waiter = s.client.send_task(f'{s.app_module}.work', args=('fan', 0, 1),
+                                    exchange=fanout, routing_key='fan',
+                                    headers={'x-delivery-count': 5})
+        assert holder.get(timeout=30) == 0 and waiter.get(timeout=30) == 1
+        assert mutex_info(s, w)['counters']['republished'] >= 1
+        with s.client.connection_for_write() as conn:
+            _, count, _ = conn.default_channel.queue_declare(other, passive=True)
+        assert count == 1, 'the republished copy also went to the other queue of the exchange'
+        assert sorted(r.extra['seq'] for r in s.records.executions()) == [0, 1]
+    finally:
+        with s.client.connection_for_write() as conn:
+            conn.default_channel.queue_delete(other)
+            conn.default_channel.exchange_delete(fanout.name)
