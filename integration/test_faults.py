@@ -609,12 +609,16 @@ def test_broker_connection_reset_releases_the_leases_of_dropped_requests(
     blockers = [s.send('work', 'b0', 4.0, 0), s.send('work_late', 'b1', 4.0, 1)]
     wait_for(lambda: len(_started(s, {h.id for h in blockers})) == 2,
              message='both pool processes busy')
-    granted = [s.send('work', f'c{i}', 0.2, 10 + i) for i in range(4)]
+    # One lease ahead per process (no hoarding): two requests get theirs and wait for a
+    # process in the pool's buffer; the next two wait in the consumer without a lease.
+    granted = [s.send('work', f'c{i}', 0.2, 10 + i) for i in range(2)]
+    unleased = [s.send('work', f'c{i}', 0.2, 10 + i) for i in range(2, 4)]
     contended = [s.send('work', 'b0', 0.2, 20), s.send('work_late', 'b1', 0.2, 21)]
-    granted_paths = [s.lease_path('work', f'c{i}') for i in range(4)]
+    granted_paths = [s.lease_path('work', f'c{i}') for i in range(2)]
     wait_for(lambda: all(s.zk.exists(p) for p in granted_paths), timeout=10,
              message='leases granted to requests waiting for a pool process')
-    assert not _started(s, {h.id for h in granted}), 'precondition: not started yet'
+    assert not _started(s, {h.id for h in granted + unleased}), 'precondition: not started yet'
+    assert not any(s.zk.exists(s.lease_path('work', f'c{i}')) for i in range(2, 4))
     time.sleep(0.3)
 
     t_reset = time.time()
@@ -622,12 +626,12 @@ def test_broker_connection_reset_releases_the_leases_of_dropped_requests(
     wait_for(lambda: re.search(r'[Cc]onnection to broker lost', w.log_text()),
              timeout=10, message='the consumer noticed')
 
-    handles = blockers + granted + contended
+    handles = blockers + granted + unleased + contended
     runs = wait_completed(s, handles, timeout=40, workers=[w])
     test_end = time.time()
     assert_results_succeeded(handles)
     assert_no_overlap(runs, watch, test_end, t0=t_reset)
-    for h in granted:
+    for h in granted + unleased:
         assert len([r for r in runs if r.id == h.id]) == 1, 'ran once, after the reset'
     wait_for(lambda: s.lease_nodes() == [], timeout=10,
              message='no lease left once every task completed')

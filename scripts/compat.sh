@@ -5,13 +5,16 @@
 # .venv-compat/, rebuilt only when setup.py changes.
 #
 #   sh scripts/compat.sh CELERY:KOMBU:KAZOO ...      e.g. 5.3.6:5.3.7:2.9.0
-set -eu
+set -euf  # -f: the test ids below hold [brackets], not globs
 
 PYTHON3=${PYTHON3:-python3}
 SUBSET="integration/test_gate.py integration/test_release.py integration/test_exclusion.py
         integration/test_command.py integration/test_faults.py::test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire
         integration/test_faults.py::test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_it
-        integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing"
+        integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing
+        integration/test_no_hoarding.py
+        integration/test_hot_key.py::test_other_keys_do_not_wait_behind_a_hot_key[rabbitmq]
+        integration/test_hot_key.py::test_parked_messages_survive_the_worker_that_parked_them"
 
 for spec in "$@"; do
     celery=${spec%%:*}; rest=${spec#*:}; kombu=${rest%%:*}; kazoo=${rest#*:}
