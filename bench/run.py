@@ -13,14 +13,11 @@ Ctrl-C. See bench/README.md for the method.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import signal
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +29,15 @@ from celery import Celery
 from kazoo.client import KazooClient
 from kombu import Exchange, Queue
 
+from bench import pyspy
+from bench.measure import (CLK_TCK, SECTION, BenchError, fmt, fmt_range, log, machine_cpu,
+                           median, pct, pids_named, proc_cpu, thread_cpu, tree_cpu)
 from integration import brokers, zkserver
 from integration.workers import start_worker
 
 APP = 'bench.benchapp'
 RECORD_URL = 'redis://127.0.0.1:6379/2'
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLK_TCK = os.sysconf('SC_CLK_TCK')
 
 FULL = dict(
     reps=5,                 # measured repetitions of each uncontended phase
@@ -58,113 +57,7 @@ QUICK = dict(
 )
 
 
-def log(msg):
-    print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- /proc
-
-def _stat_fields(pid):
-    try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b')') + 2:].split()
-
-
-def proc_cpu(pid, with_children=False):
-    """utime+stime (plus cutime+cstime) of *pid* in seconds; 0.0 if it is gone."""
-    f = _stat_fields(pid)
-    if f is None:
-        return 0.0
-    ticks = int(f[11]) + int(f[12])
-    if with_children:
-        ticks += int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
-
-
-def thread_cpu(pid, tid):
-    """utime+stime of one thread of *pid* in seconds; 0.0 if it is gone."""
-    try:
-        with open('/proc/%d/task/%d/stat' % (pid, tid), 'rb') as f:
-            data = f.read()
-    except OSError:
-        return 0.0
-    fields = data[data.rfind(b')') + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_cpu():
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
-    with open('/proc/stat', encoding='ascii') as f:
-        parts = f.readline().split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def pids_named(*names):
-    """Pids whose /proc/<pid>/comm is one of *names* (e.g. the broker's)."""
-    out = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/comm' % entry, encoding='utf-8') as f:
-                    if f.read().strip() in names:
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
-def tree_cpu(worker):
-    """CPU seconds of a worker's whole process group: main + pool children.
-
-    Children already reaped by the main process are in its cutime/cstime.
-    """
-    total = 0.0
-    for pid in worker.group_pids():
-        total += proc_cpu(pid, with_children=(pid == worker.pid))
-    return total
-
-
-# --------------------------------------------------------------------------- stats helpers
-
-def median(xs):
-    return statistics.median(xs) if xs else float('nan')
-
-
-def pct(xs, q):
-    """Nearest-rank percentile."""
-    if not xs:
-        return float('nan')
-    s = sorted(xs)
-    return s[max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))]
-
-
-def fmt(x, digits=2):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return 'n/a'
-    if isinstance(x, int):
-        return str(x)
-    return '%.*f' % (digits, x)
-
-
-def fmt_range(values, digits=2):
-    """'median (min-max)' when there are several values."""
-    if not values:
-        return 'n/a'
-    m = fmt(median(values), digits)
-    if len(values) > 1:
-        return '%s (%s-%s)' % (m, fmt(min(values), digits), fmt(max(values), digits))
-    return m
-
-
 # --------------------------------------------------------------------------- the bench
-
-class BenchError(RuntimeError):
-    pass
-
 
 class Bench:
     def __init__(self, params, quick):
@@ -652,122 +545,15 @@ class Bench:
 
     # -- all ------------------------------------------------------------------------
 
-    # -- optional: where the worker's main process spends its CPU -----------------
-
-    def profile(self):
-        """py-spy (GIL-holding samples, all threads) of the row-1 worker's main
-        process over one more unguarded and one more guarded noop drain."""
-        spy = shutil.which('py-spy') or os.path.join(os.path.dirname(sys.executable), 'py-spy')
-        if not os.path.exists(spy):
-            self.notes.append('--profile: py-spy not found (pip install py-spy)')
-            return None
-        w, n = self.u_worker, self.p['noop_n']
-        out = {}
-        for task, label in (('noop_plain', 'unguarded'), ('noop', 'gate')):
-            log('profile: %d x %s under py-spy' % (n, task))
-            q = self.new_queue('prof-%s' % label)
-            self.publish(q, task, [('prof-%s-%d' % (label, i),) for i in range(n)])
-            raw = os.path.join(self.log_dir, 'py-spy-%s.txt' % label)
-            proc = subprocess.Popen(
-                [spy, 'record', '--pid', str(w.pid), '--rate', '250', '--format', 'raw',
-                 '--output', raw, '--threads', '--gil', '--nonblocking'],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(1.0)
-            main0, mt0 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
-            self.consume(q, [w])
-            runs = self.wait_runs(q, n, [w], timeout=60 + n * 0.1)
-            main1, mt1 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
-            proc.send_signal(signal.SIGINT)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            self.consume(q, [w], on=False)
-            if not os.path.exists(raw):
-                self.notes.append('--profile: py-spy failed: %s' % err.decode(errors='replace')[-300:])
-                return None
-            out[label] = summarize_profile(raw)
-            out[label]['main_cpu_ms'] = (main1 - main0) / n * 1000
-            out[label]['main_thread_ms'] = (mt1 - mt0) / n * 1000
-            out[label]['drain'] = max(r['e'] for r in runs) - min(r['s'] for r in runs)
-        return out
-
     def run(self, profile=False):
         res = {}
         res['uncontended'] = self.row_uncontended()
         if profile:
-            res['profile'] = self.profile()
+            res['profile'] = pyspy.profile(self)
         workers, res['contended'] = self.row_contended()
         res['backlog'] = self.row_backlog(workers[0])
         res['hot'] = self.row_hot(workers[0])
         return res
-
-
-def summarize_profile(path):
-    """From py-spy raw output: GIL samples per thread; the main thread's samples
-    split by the first celery_mutex_bootstep function on the stack (the gate's
-    entry point; none = Celery/kombu's own work) and how many of those are
-    inside kazoo."""
-    import collections
-    import re
-    frame_re = re.compile(r'^(.*?) \((.*?):\d+\)$')
-    threads = collections.Counter()
-    entry = collections.Counter()
-    in_kazoo = 0
-    total = 0
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for line in f:
-            stack, _, count = line.rstrip('\n').rpartition(' ')
-            if not stack or not count.isdigit():
-                continue
-            n = int(count)
-            frames = stack.split(';')
-            name = frames[0].split(': ', 1)[-1]
-            name = 'main' if name == 'MainThread' else (
-                'kazoo connection' if 'zk_loop' in name else
-                'kazoo callbacks' if '_thread_worker' in name else name)
-            threads[name] += n
-            total += n
-            if name != 'main':
-                continue
-            first = None
-            kz = False
-            for fr in frames[1:]:
-                m = frame_re.match(fr)
-                if not m:
-                    continue
-                if first is None and 'celery_mutex_bootstep/' in m.group(2):
-                    first = m.group(1)
-                elif first is not None and 'kazoo/' in m.group(2):
-                    kz = True
-            entry[first or '(no gate frame)'] += n
-            in_kazoo += n if kz else 0
-    return {'total': total, 'threads': threads, 'entry': entry, 'in_kazoo': in_kazoo}
-
-
-def profile_lines(prof):
-    if not prof:
-        return []
-    lines = ['Profile of the row-1 worker main process (py-spy --gil --threads --nonblocking: '
-             'samples of threads holding the GIL, shares of all such samples; approximate, '
-             'the exact per-thread CPU from /proc is in the table):']
-    for label, pr in prof.items():
-        tot = float(max(pr['total'], 1))
-        lines.append('- %s noop: drain %.2f s, main process CPU %.3f ms/task (consumer thread '
-                     '%.3f); threads: %s' % (
-            label, pr['drain'], pr['main_cpu_ms'], pr['main_thread_ms'], ', '.join(
-                '%s %.0f%%' % (t, 100 * c / tot) for t, c in pr['threads'].most_common())))
-        gate = {k: v for k, v in pr['entry'].items() if k != '(no gate frame)'}
-        if gate:
-            lines.append('  main thread in Celery/kombu %.0f%%, in the gate %.0f%% (%s); of '
-                         'which inside kazoo calls %.0f%%' % (
-                             100 * pr['entry'].get('(no gate frame)', 0) / tot,
-                             100 * sum(gate.values()) / tot,
-                             ', '.join('%s %.1f%%' % (k, 100 * v / tot) for k, v in
-                                       sorted(gate.items(), key=lambda kv: -kv[1])[:6]),
-                             100 * pr['in_kazoo'] / tot))
-    return lines
 
 
 # --------------------------------------------------------------------------- report
@@ -802,9 +588,6 @@ def machine_info(versions):
             v['python'], v['celery'], v['kombu'], v['billiard'], v['kazoo'],
             v['zookeeper'], v['rabbitmq'], v['redis-server']),
     ]
-
-
-SECTION = object()
 
 
 def build_rows(res, p):
@@ -1044,7 +827,7 @@ def report(res, bench, elapsed, load0, load1):
         'Run time: %.0f s' % elapsed,
     ]
     notes = ['Note: %s' % n for n in bench.notes]
-    prof = profile_lines(res.get('profile'))
+    prof = pyspy.profile_lines(res.get('profile'))
     text = '\n'.join(head + [''] + method_lines(p, bench.quick) + ['', text_table(rows)] +
                      ([''] + notes if notes else []) + ([''] + prof if prof else []))
     md = '\n'.join(
