@@ -18,10 +18,12 @@ import platform
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from importlib import metadata
 
 import redis
@@ -29,6 +31,8 @@ from celery import Celery
 from kazoo.client import KazooClient
 from kombu import Exchange, Queue
 
+from celery_mutex_bootstep.keys import key_digest
+from celery_mutex_bootstep.parking import park_queue_name
 from bench import pyspy
 from bench.measure import (CLK_TCK, SECTION, BenchError, fmt, fmt_range, log, machine_cpu,
                            median, pct, pids_named, proc_cpu, thread_cpu, tree_cpu)
@@ -37,6 +41,9 @@ from integration.workers import start_worker
 
 APP = 'bench.benchapp'
 RECORD_URL = 'redis://127.0.0.1:6379/2'
+# Redis as broker (hot-key rows): a db of its own (the tests' broker is db 3)
+REDIS_BROKER_URL = 'redis://127.0.0.1:6379/5'
+UNGUARDED = ('noop_plain', 'sleep_plain', 'sleep_inpool')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FULL = dict(
@@ -71,13 +78,17 @@ class Bench:
         self.control_exchange = 'bench-%s-ctl' % self.run_id
         self.idle_queue = '%s-idle' % self.prefix
         self.log_dir = tempfile.mkdtemp(prefix='celery-mutex-bench-')
-        self.queues = [self.idle_queue]
+        self.queues = {}            # broker URL -> queue names this run declared
+        self.clients = {}           # broker URL -> Celery client
+        self.contended = Counter()  # (broker, task, key) published, guarded tasks only
+        self.entities = {}          # queue name -> Queue, for queues with arguments
         self.workers = []
         self.zk = None
         self.kz = None
         self.client = None
         self.redis = None
         self.broker = None
+        self.redis_broker = REDIS_BROKER_URL
         self.versions = {}
         self.notes = []
         self.rabbit_pids = []
@@ -91,9 +102,8 @@ class Bench:
         brokers.ensure_redis()
         self.zk = zkserver.standalone()
         self.redis = redis.Redis.from_url(RECORD_URL)
-        self.client = Celery('bench-client', broker=self.broker, set_as_current=False)
-        self.client.conf.control_exchange = self.control_exchange
-        self.client.conf.broker_connection_retry_on_startup = True
+        self.client = self.client_for(self.broker)
+        self.queues[self.broker].append(self.idle_queue)
         self.kz = KazooClient(hosts=self.zk.hosts)
         self.kz.start(timeout=15)
         self.kz.ensure_path(self.namespace)
@@ -105,20 +115,31 @@ class Bench:
     def cleanup(self, keep_logs=False):
         for w in self.workers:
             try:
-                w.terminate()
+                if not getattr(w, 'stopping', False):
+                    w.terminate()
             except Exception:
                 pass
         for w in self.workers:
             try:
+                if getattr(w, 'stopping', False):  # a second SIGTERM would interrupt it
+                    try:
+                        w.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        pass  # stop() kills it
                 w.stop(timeout=20)
             except Exception as exc:
                 log('could not stop worker %s: %r' % (w.hostname, exc))
-        if self.client is not None:
+        for broker, client in self.clients.items():
+            # the park queues of every key that may have waited (product keeps them)
+            parked = sorted({park_queue_name(self.namespace, key_digest('bench.' + task, [key]))
+                             for (b, task, key), n in self.contended.items()
+                             if b == broker and n > 1})
             try:
-                with self.client.connection_for_write() as conn:
+                with client.connection_for_write() as conn:
                     ch = conn.default_channel
-                    ops = [(op, q) for q in self.queues
+                    ops = [(op, q) for q in self.queues.get(broker, ())
                            for op in ('queue_delete', 'exchange_delete')]
+                    ops += [('queue_delete', q) for q in parked]
                     # remote control's exchanges (kombu leaves them behind)
                     ops += [('exchange_delete', '%s.pidbox' % self.control_exchange),
                             ('exchange_delete', 'reply.%s.pidbox' % self.control_exchange)]
@@ -128,7 +149,9 @@ class Bench:
                         except Exception:
                             ch = conn.channel()  # a failed op closes the channel
             except Exception as exc:
-                log('could not delete the queues: %r' % (exc,))
+                log('could not delete the queues on %s: %r' % (broker.split('@')[-1], exc))
+        if REDIS_BROKER_URL in self.clients:
+            self._clean_redis_broker()
         if self.redis is not None:
             try:
                 keys = list(self.redis.scan_iter(match=self.records + ':*', count=1000))
@@ -148,6 +171,34 @@ class Bench:
             log('worker logs kept in %s' % self.log_dir)
         else:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _clean_redis_broker(self):
+        """What kombu leaves in the Redis broker db: only keys named after this run
+        (queues, bindings, pidbox replies) or this run's namespace (park queues)."""
+        try:
+            r = redis.Redis.from_url(REDIS_BROKER_URL)
+            space = park_queue_name(self.namespace, 'x')[:-1]
+            keys = set(r.scan_iter(match='*%s*' % self.prefix, count=1000))
+            keys |= set(r.scan_iter(match='*%s*' % space, count=1000))
+            if keys:
+                r.delete(*keys)
+            # kombu's shared index of binding expiries: only this run's members
+            mine = [m for m in r.zrange('_kombu.binding_deadlines', 0, -1)
+                    if self.prefix.encode() in m]
+            if mine:
+                r.zrem('_kombu.binding_deadlines', *mine)
+        except Exception as exc:
+            log('could not delete the Redis broker keys: %r' % (exc,))
+
+    def client_for(self, broker):
+        if broker not in self.clients:
+            client = Celery('bench-client', broker=broker, set_as_current=False)
+            client.conf.control_exchange = self.control_exchange
+            client.conf.broker_connection_retry_on_startup = True
+            client.bench_broker = broker
+            self.clients[broker] = client
+            self.queues.setdefault(broker, [])
+        return self.clients[broker]
 
     def _collect_versions(self):
         v = self.versions
@@ -175,10 +226,10 @@ class Bench:
 
     # -- workers -------------------------------------------------------------
 
-    def env(self, **extra):
+    def env(self, broker=None, idle=None, **extra):
         env = {
-            'BENCH_BROKER': self.broker,
-            'BENCH_QUEUE': self.idle_queue,
+            'BENCH_BROKER': broker or self.broker,
+            'BENCH_QUEUE': idle or self.idle_queue,
             'BENCH_NAMESPACE': self.namespace,
             'BENCH_INPOOL_NAMESPACE': self.inpool_namespace,
             'BENCH_ZK_HOSTS': self.zk.hosts,
@@ -189,16 +240,22 @@ class Bench:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def start_workers(self, names, concurrency, **env):
-        """Start workers (in parallel) on the idle queue; wait until each answers
-        bench_stats with its ZooKeeper session connected."""
+    def start_workers(self, names, concurrency, broker=None, idle=None, **env):
+        """Start workers (in parallel) on the idle queue (*idle*, default the run's
+        one, on *broker*, default RabbitMQ); wait until each answers bench_stats
+        with its ZooKeeper session connected."""
+        broker = broker or self.broker
+        client = self.client_for(broker)
+        if idle and idle not in self.queues[broker]:
+            self.queues[broker].append(idle)
         started = []
         for name in names:
             w = start_worker(
                 APP, hostname='%s-%s@%%h' % (name, self.run_id), concurrency=concurrency,
-                extra_args=['--mutex-hosts', self.zk.hosts, '-Q', self.idle_queue],
-                env=self.env(**env), loglevel='WARNING', log_dir=self.log_dir)
+                extra_args=['--mutex-hosts', self.zk.hosts, '-Q', idle or self.idle_queue],
+                env=self.env(broker, idle, **env), loglevel='WARNING', log_dir=self.log_dir)
             w.node = '%s-%s@%s' % (name, self.run_id, socket.gethostname())
+            w.client, w.concurrency = client, concurrency
             self.workers.append(w)
             started.append(w)
         for w in started:
@@ -218,9 +275,18 @@ class Bench:
                 time.sleep(0.2)
         return started
 
+    def stop_workers(self, workers):
+        """Warm-stop workers a row no longer needs, so they are off the cores. Not
+        waited for: Celery's warm shutdown of even an idle prefork worker takes
+        seconds (waiting on its pool), which would only add to the run; cleanup()
+        reaps them."""
+        for w in workers:
+            w.terminate()
+            w.stopping = True
+
     def stats(self, worker, tries=1):
         for _ in range(tries):
-            replies = self.client.control.broadcast(
+            replies = worker.client.control.broadcast(
                 'bench_stats', destination=[worker.node], reply=True, timeout=1.0) or []
             for item in replies:
                 if worker.node in item:
@@ -235,27 +301,40 @@ class Bench:
 
     # -- queues, publishing, records -------------------------------------------
 
-    def new_queue(self, tag):
+    def new_queue(self, tag, client=None, arguments=None):
+        """Declare a fresh queue (``arguments``: e.g. a quorum queue's)."""
+        client = client or self.client
+        names = self.queues[client.bench_broker]
         name = '%s-%s' % (self.prefix, tag)
-        if name in self.queues:
-            name = '%s-%d' % (name, len(self.queues))
-        with self.client.connection_for_write() as conn:
-            Queue(name, Exchange(name, 'direct'), routing_key=name)(conn.default_channel).declare()
-        self.queues.append(name)
+        if name in names:
+            name = '%s-%d' % (name, len(names))
+        queue = Queue(name, Exchange(name, 'direct'), routing_key=name, queue_arguments=arguments)
+        with client.connection_for_write() as conn:
+            queue(conn.default_channel).declare()
+        names.append(name)
+        if arguments:  # publish to the entity, or the client declares it without them
+            self.entities[name] = queue
         return name
 
-    def publish(self, queue, task, arglist, kwargs=None):
-        with self.client.producer_or_acquire() as producer:
+    def publish(self, queue, task, arglist, kwargs=None, client=None):
+        client = client or self.client
+        if task not in UNGUARDED:  # keys that may wait have park queues to delete
+            broker = client.bench_broker
+            self.contended.update((broker, task, args[0]) for args in arglist)
+        with client.producer_or_acquire() as producer:
             for args in arglist:
-                self.client.send_task('bench.' + task, args=args, kwargs=kwargs,
-                                      queue=queue, producer=producer)
+                client.send_task('bench.' + task, args=args, kwargs=kwargs,
+                                 queue=self.entities.get(queue, queue), producer=producer)
 
-    def consume(self, queue, workers, on=True):
+    def consume(self, queue, workers, on=True, arguments=None):
+        """add_consumer (with the queue's ``arguments``, which the worker declares it
+        with) or cancel_consumer, on every worker, until each has answered."""
         nodes = [w.node for w in workers]
-        ctl = self.client.control
+        ctl = workers[0].client.control
         fun = ctl.add_consumer if on else ctl.cancel_consumer
+        extra = {'options': {'queue_arguments': arguments}} if on and arguments else {}
         for _ in range(5):
-            replies = fun(queue, destination=nodes, reply=True, timeout=3.0) or []
+            replies = fun(queue, destination=nodes, reply=True, timeout=3.0, **extra) or []
             answered = {n for r in replies for n in r}
             if answered >= set(nodes):
                 return
@@ -284,6 +363,43 @@ class Bench:
                 raise BenchError('%s: %d of %d executions after %.0f s' % (
                     queue, self.count(queue), n, timeout))
             time.sleep(0.02)
+
+    def park_queue(self, task, key):
+        return park_queue_name(self.namespace, key_digest('bench.' + task, [key]))
+
+    def quiesce(self, queue, workers, park=(), timeout=30.0):
+        """After cancel_consumer, without draining a backlog: purge the queue and
+        the park queues until nothing moves for a second (no purged message, no
+        new record, gate counters still), so the next phase starts clean.
+
+        Prefetched messages and room waiters still finish or park, and the gate
+        keeps unparking into the queue meanwhile: hence the loop.
+        """
+        client = workers[0].client
+        deadline = time.monotonic() + timeout
+        last, quiet_since = None, None
+        with client.connection_for_write() as conn:
+            ch = conn.channel()
+            while True:
+                purged = 0
+                for name in [queue] + list(park):
+                    try:
+                        purged += ch.queue_purge(name) or 0
+                    except Exception:  # a park queue never declared: closes the channel
+                        ch = conn.channel()
+                gate = [sorted(self.must_stats(w)['gate'].items()) for w in workers]
+                state = (self.count(queue), self.count(queue, ':rejects'), gate)
+                now = time.monotonic()
+                if purged or state != last:
+                    quiet_since = now
+                elif now - quiet_since >= 1.0:
+                    return
+                last = state
+                if now > deadline:
+                    self.notes.append('%s: still moving %.0f s after it stopped being consumed'
+                                      % (queue, timeout))
+                    return
+                time.sleep(0.2)
 
     # -- ZooKeeper counters -------------------------------------------------------
 
@@ -408,17 +524,18 @@ class Bench:
         zk1 = self.zk_snapshot()
         self.consume(q, workers, on=False)
         st1 = [self.must_stats(w) for w in workers]
-        deliveries = sum(s['deliveries'].get(q, [0, 0])[0] for s in st1)
-        redelivered = sum(s['deliveries'].get(q, [0, 0])[1] for s in st1)
+        deliveries = sum(s['deliveries'].get(q, [0, 0, 0])[0] for s in st1)
+        redelivered = sum(s['deliveries'].get(q, [0, 0, 0])[1] for s in st1)
+        unparked = sum(s['deliveries'].get(q, [0, 0, 0])[2] for s in st1)
         gate = {}
         for a, b in zip(st0, st1):
             for key, val in b['gate'].items():
                 gate[key] = gate.get(key, 0) + val - a['gate'].get(key, 0)
         entries = self.count(q, ':entries')
         rejects = self.count(q, ':rejects')
-        if deliveries - k * t != redelivered:
-            self.notes.append('%s: deliveries - published = %d but %d flagged redelivered' % (
-                tag, deliveries - k * t, redelivered))
+        if deliveries - k * t != redelivered + unparked:
+            self.notes.append('%s: deliveries - published = %d but %d flagged redelivered '
+                              'and %d unparked' % (tag, deliveries - k * t, redelivered, unparked))
         by_key = {}
         for r in runs:
             by_key.setdefault(r['k'], []).append(r)
@@ -432,21 +549,37 @@ class Bench:
         return {
             'drain': max(r['e'] for r in runs) - min(r['s'] for r in runs),
             'executions': len(runs), 'entries': entries, 'rejects': rejects,
-            'deliveries': deliveries, 'redelivered': redelivered, 'published': k * t,
+            'deliveries': deliveries, 'redelivered': redelivered, 'unparked': unparked,
+            'published': k * t,
             'gaps': gaps, 'overlaps': overlaps, 'cpu': sum(cpu1) - sum(cpu0),
-            'zk': self.zk_delta(zk0, zk1), 'gate': gate,
+            'zk': self.zk_delta(zk0, zk1), 'gate': gate, 'runs': runs,
         }
+
+    def warm_up(self, workers, tag):
+        """Every pool process runs once and the in-pool baseline's children open
+        their kazoo sessions, so no measured phase pays for it."""
+        client = workers[0].client
+        warm = self.new_queue('warm-%s' % tag, client=client)
+        n = 5 * sum(w.concurrency for w in workers)
+        self.publish(warm, 'sleep_inpool', [('warm-%s-%d' % (tag, i), 0.02) for i in range(n)],
+                     client=client)
+        self.consume(warm, workers)
+        self.wait_runs(warm, n, workers, timeout=60)
+        self.consume(warm, workers, on=False)
+
+    def contended_workers(self):
+        """The two -c 4 workers of rows 2, 2c and 3, started (and warmed) once."""
+        if not getattr(self, 'c_workers', None):
+            workers = self.start_workers(['c1', 'c2'], concurrency=4, BENCH_COUNT_ENTRIES=1)
+            self.warm_up(workers, 'contended')
+            self.c_workers = workers
+        return self.c_workers
 
     def row_contended(self):
         p = self.p
         log('row 2: %d keys x %d tasks x %.2f s, 2 workers -c 4' % (
             p['keys'], p['per_key'], p['dur']))
-        workers = self.start_workers(['c1', 'c2'], concurrency=4, BENCH_COUNT_ENTRIES=1)
-        warm = self.new_queue('warm-contended')
-        self.publish(warm, 'sleep_inpool', [('warm-%d' % i, 0.02) for i in range(40)])
-        self.consume(warm, workers)
-        self.wait_runs(warm, 40, workers, timeout=60)
-        self.consume(warm, workers, on=False)
+        workers = self.contended_workers()
         variants = [('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate'),
                     ('sleep_guarded_fast', 'gate_fast')]
         out = {label: [] for _, label in variants}
