@@ -1,7 +1,8 @@
 """Benchmarks: the consumer gate (subject) against an in-pool lock (baseline).
 
-    python -m bench.run            # full run, ~3-5 minutes; writes bench/results.md
+    python -m bench.run            # full run, ~5-6 minutes; writes bench/results.md
     python -m bench.run --quick    # smoke test, under a minute; writes bench/results-quick.md
+    python -m bench.run --rows 2c,3 # only these rows; writes bench/results-partial.md
     python -m bench.run --profile  # also py-spy the worker's main process (needs py-spy)
 
 Everything runs on this machine: a private ZooKeeper (integration.zkserver), the
@@ -51,17 +52,22 @@ FULL = dict(
     noop_n=2000, noop_warmup=200,
     sleep_n=500, sleep_d=0.01, sleep_warmup=50,
     keys=4, per_key=20, dur=0.1, contended_reps=3,
-    backlog=100, backlog_dur=0.05, backlog_reps=3,
-    hold=5.0, waiters=3,
+    backlog=200, backlog_dur=0.02, backlog_reps=3,
+    hold=5.0, waiters=1000,
 )
 QUICK = dict(
     reps=1,
     noop_n=300, noop_warmup=50,
     sleep_n=100, sleep_d=0.01, sleep_warmup=20,
     keys=2, per_key=6, dur=0.1, contended_reps=1,
-    backlog=20, backlog_dur=0.05, backlog_reps=1,
-    hold=2.0, waiters=3,
+    backlog=40, backlog_dur=0.02, backlog_reps=1,
+    hold=2.0, waiters=200,
 )
+
+
+# --rows selects these groups; a row id names its group (1b and 4 come with 1)
+ROW_GROUPS = ('1', '2', '2c', '3')
+ROW_ALIASES = {'1b': '1', '4': '1', '2b': '2', '2d': '2c', '3b': '3'}
 
 
 # --------------------------------------------------------------------------- the bench
@@ -595,27 +601,30 @@ class Bench:
                 if r['overlaps']:
                     self.notes.append('%s rep %d: %d overlapping executions of one key!' % (
                         label, rep, r['overlaps']))
-        return workers, out
+        return out
 
     # -- row 2c: a backlog on one key -------------------------------------------------
 
-    def row_backlog(self, worker):
-        """n tasks of duration D queued on one key, one worker -c 4: the physical
-        limit is n x D; what is over it is the handover."""
+    def row_backlog(self):
+        """Hot-key drain: n tasks of duration D queued on one key, drained by one
+        worker -c 4 (2c) and by two (2d): the physical limit is n x D; what is
+        over it is the handover."""
         p = self.p
         n, d = p['backlog'], p['backlog_dur']
-        log('row 2c: %d tasks x %.2f s on one key, 1 worker -c 4' % (n, d))
-        out = {'inpool': [], 'gate': []}
+        workers = self.contended_workers()
+        log('row 2c/2d: %d tasks x %.2f s on one key, 1 and 2 workers -c 4' % (n, d))
+        out = {'1': {'inpool': [], 'gate': []}, '2': {'inpool': [], 'gate': []}}
         for rep in range(p['backlog_reps']):
-            for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate')):
-                r = self.contended_phase([worker], task, 'backlog-%s-r%d' % (label, rep),
-                                         keys=1, per_key=n, dur=d)
-                out[label].append(r)
-                log('  %-6s rep %d: drain %.2f s (limit %.2f), gap median %.1f ms' % (
-                    label, rep, r['drain'], n * d, median(r['gaps']) * 1000))
-                if r['overlaps']:
-                    self.notes.append('backlog %s rep %d: %d overlapping executions!' % (
-                        label, rep, r['overlaps']))
+            for nw in ('1', '2'):
+                for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate')):
+                    r = self.contended_phase(workers[:int(nw)], task, 'backlog%s-%s-r%d' % (
+                        nw, label, rep), keys=1, per_key=n, dur=d)
+                    out[nw][label].append(r)
+                    log('  %s worker(s) %-6s rep %d: drain %.2f s (n x D %.2f), gap median '
+                        '%.1f ms' % (nw, label, rep, r['drain'], n * d, median(r['gaps']) * 1000))
+                    if r['overlaps']:
+                        self.notes.append('backlog %s workers %s rep %d: %d overlapping '
+                                          'executions!' % (nw, label, rep, r['overlaps']))
         return out
 
     # -- row 3: hot key -------------------------------------------------------------
@@ -634,7 +643,7 @@ class Bench:
         cpu0, zcpu0, t0 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
         ent0 = self.count(q, ':entries')
         st0 = self.must_stats(worker)
-        del0 = st0['deliveries'].get(q, [0, 0])[0]
+        del0 = st0['deliveries'].get(q, [0, 0, 0])[0]
         self.publish(q, task, [(key, 0.01)] * waiters)
         # the window ends when the holder's execution record appears
         while not any(r['d'] == p['hold'] for r in self.runs(q)):
@@ -643,13 +652,16 @@ class Bench:
             time.sleep(0.01)
         cpu1, zcpu1, t1 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
         st1 = self.must_stats(worker)
-        del1 = st1['deliveries'].get(q, [0, 0])[0]
-        runs = self.wait_runs(q, 1 + waiters, [worker], timeout=60)
+        del1 = st1['deliveries'].get(q, [0, 0, 0])[0]
+        # the waiters are not drained (hundreds of serial runs say nothing more):
+        # stop consuming, drop what is left, let the room waiters finish
         self.consume(q, [worker], on=False)
+        self.quiesce(q, [worker], park=[] if task in UNGUARDED else [self.park_queue(task, key)])
+        runs = self.runs(q)
         ent1 = self.count(q, ':entries')
         # Pool entries during the hold = all entries after it began minus those
         # that began after the holder's end (the waiters' executions, racing
-        # rejects): exact, whatever the polling delay.
+        # rejects): exact, whatever the polling delay, as every record is in.
         end = next(r['e'] for r in runs if r['d'] == p['hold'])
         late = sum(1 for r in runs if r['s'] >= end)
         late += sum(1 for x in self.redis.lrange('%s:%s:rejects' % (self.records, q), 0, -1)
@@ -658,11 +670,12 @@ class Bench:
         return {
             'cpu': cpu1 - cpu0, 'zk_cpu': zcpu1 - zcpu0, 'window': t1 - t0,
             'entries': max(0, ent1 - ent0 - late), 'deliveries': del1 - del0,
-            'gate': gate,
+            'gate': gate, 'waiters': waiters,
         }
 
-    def row_hot(self, worker):
+    def row_hot(self):
         p = self.p
+        worker = self.contended_workers()[0]
         log('row 3: hot key held %.1f s with %d waiters, 1 worker -c 4' % (
             p['hold'], p['waiters']))
         out = {}
@@ -678,14 +691,21 @@ class Bench:
 
     # -- all ------------------------------------------------------------------------
 
-    def run(self, profile=False):
+    def run(self, rows=ROW_GROUPS, profile=False):
         res = {}
-        res['uncontended'] = self.row_uncontended()
-        if profile:
-            res['profile'] = pyspy.profile(self)
-        workers, res['contended'] = self.row_contended()
-        res['backlog'] = self.row_backlog(workers[0])
-        res['hot'] = self.row_hot(workers[0])
+        if '1' in rows:
+            res['uncontended'] = self.row_uncontended()
+            if profile:
+                res['profile'] = pyspy.profile(self)
+            self.stop_workers([self.u_worker])  # idle from here on: off the cores
+        if '2' in rows:
+            res['contended'] = self.row_contended()
+        if '2c' in rows:
+            res['backlog'] = self.row_backlog()
+        if '3' in rows:
+            res['hot'] = self.row_hot()
+        if getattr(self, 'c_workers', None):
+            self.stop_workers(self.c_workers)
         return res
 
 
@@ -725,16 +745,34 @@ def machine_info(versions):
 
 def build_rows(res, p):
     """Rows of the table: (row id, metric, unguarded, in-pool, gate, ratio), and
-    section headers (row id, SECTION, title)."""
+    section headers (row id, SECTION, title), for the rows that ran."""
     rows = []
+    for name, fn in (('uncontended', rows_uncontended), ('contended', rows_contended),
+                     ('backlog', rows_backlog), ('hot', rows_hot), ('uncontended', rows_zk)):
+        if name in res:
+            fn(res, p, rows)
+    return rows
+
+
+def drains(rs):
+    return [r['drain'] for r in rs]
+
+
+def per_task(rs, fn):
+    return median([fn(r) / r['n'] for r in rs]) * 1000
+
+
+def med(rs, fn, digits=0):
+    return fmt(median([fn(r) for r in rs]), digits)
+
+
+def beyond_one(rs):
+    """Deliveries beyond one per message: 'redelivered / unparked copies' medians."""
+    return '%s / %s' % (med(rs, lambda r: r['redelivered']), med(rs, lambda r: r['unparked']))
+
+
+def rows_uncontended(res, p, rows):
     un = res['uncontended']
-
-    def drains(rs):
-        return [r['drain'] for r in rs]
-
-    def per_task(rs, fn):
-        return median([fn(r) / r['n'] for r in rs]) * 1000
-
     # -- row 1
     for kind, n, title in (('noop', p['noop_n'], 'noop'),
                            ('sleep', p['sleep_n'], '%d ms' % round(p['sleep_d'] * 1000))):
@@ -791,14 +829,12 @@ def build_rows(res, p):
                      '%s / %s' % (busy(d['gate'], 'main_cpu'), busy(d['gate'], 'machine_cpu', ncpu)),
                      ''))
 
-    # -- row 2
+
+def rows_contended(res, p, rows):
     c = res['contended']
     k, t, dur = p['keys'], p['per_key'], p['dur']
     limit = t * dur
     base = c['inpool']
-
-    def med(rs, fn, digits=0):
-        return fmt(median([fn(r) for r in rs]), digits)
     for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
                          ('gate_fast', 'mutex_requeue_delay 0.1 s')):
         s = c[label]
@@ -813,9 +849,8 @@ def build_rows(res, p):
         rows.append((row, 'pool entries that did not execute (goal 0)', '',
                      med(base, lambda r: r['entries'] - r['executions']),
                      med(s, lambda r: r['entries'] - r['executions']), ''))
-        rows.append((row, 'broker redeliveries', '',
-                     med(base, lambda r: r['deliveries'] - r['published']),
-                     med(s, lambda r: r['deliveries'] - r['published']), ''))
+        rows.append((row, 'deliveries beyond one per message: redelivered / unparked copies',
+                     '', beyond_one(base), beyond_one(s), ''))
         bg = [g for r in base for g in r['gaps']]
         sg = [g for r in s for g in r['gaps']]
         rows.append((row, 'handover gap, same key, median / p99, ms', '',
@@ -826,44 +861,62 @@ def build_rows(res, p):
         rows.append((row, 'CPU of both worker trees, s', '', fmt(bc), fmt(sc),
                      'in-pool / gate %s' % fmt(bc / max(sc, 1.0 / CLK_TCK), 1)))
 
-    # -- row 2c
-    bl = res['backlog']
-    n_bl, d_bl = p['backlog'], p['backlog_dur']
-    limit_bl = n_bl * d_bl
-    rows.append(('2c', SECTION, 'Backlog on one key: %d tasks x %.0f ms queued for one key, '
-                 '1 worker -c 4 (physical limit n x D = %.1f s)' % (n_bl, d_bl * 1000, limit_bl)))
-    bd, sd = median(drains(bl['inpool'])), median(drains(bl['gate']))
-    rows.append(('2c', 'drain time, s (x physical limit)', '',
-                 '%s (%.2fx)' % (fmt(bd), bd / limit_bl), '%s (%.2fx)' % (fmt(sd), sd / limit_bl),
-                 'in-pool / gate %s' % fmt(bd / sd)))
-    bg = [g for r in bl['inpool'] for g in r['gaps']]
-    sg = [g for r in bl['gate'] for g in r['gaps']]
-    rows.append(('2c', 'handover (end of one to start of the next), median / p99, ms', '',
-                 '%s / %s' % (fmt(median(bg) * 1000, 1), fmt(pct(bg, 99) * 1000, 1)),
-                 '%s / %s' % (fmt(median(sg) * 1000, 1), fmt(pct(sg, 99) * 1000, 1)), ''))
-    rows.append(('2c', 'broker redeliveries', '',
-                 med(bl['inpool'], lambda r: r['deliveries'] - r['published']),
-                 med(bl['gate'], lambda r: r['deliveries'] - r['published']), ''))
 
-    # -- row 3
+def rows_backlog(res, p, rows):
+    n, d = p['backlog'], p['backlog_dur']
+    for nw, row in (('1', '2c'), ('2', '2d')):
+        bl = res['backlog'][nw]
+        rows.append((row, SECTION, 'Hot-key drain: %d tasks x %.0f ms queued for one key, %s '
+                     '-c 4 (physical limit n x D = %.1f s; with 5 ms per handover n x (D + 5 ms) '
+                     '= %.1f s)' % (n, d * 1000, '1 worker' if nw == '1' else '2 workers',
+                                    n * d, n * (d + 0.005))))
+        bd, sd = median(drains(bl['inpool'])), median(drains(bl['gate']))
+
+        def cell(x):
+            return '%s (%.2fx / %.2fx)' % (fmt(x), x / (n * d), x / (n * (d + 0.005)))
+        rows.append((row, 'drain time, s (x n x D / x n x (D + 5 ms))', '', cell(bd), cell(sd),
+                     'in-pool / gate %s' % fmt(bd / sd)))
+        bg = [g for r in bl['inpool'] for g in r['gaps']]
+        sg = [g for r in bl['gate'] for g in r['gaps']]
+        def gaps(g):
+            return '%s / %s / %s' % (fmt(median(g) * 1000, 1), fmt(pct(g, 99) * 1000, 1),
+                                     fmt(max(g) * 1000, 0))
+        rows.append((row, 'handover (end of one to start of the next), median / p99 / max, ms',
+                     '', gaps(bg), gaps(sg), ''))
+        rows.append((row, 'deliveries beyond one per message: redelivered / unparked copies',
+                     '', beyond_one(bl['inpool']), beyond_one(bl['gate']), ''))
+
+
+def rows_hot(res, p, rows):
     h = res['hot']
     for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
                          ('gate_fast', 'mutex_requeue_delay 0.1 s')):
         s, b, idle = h[label], h['inpool'], h['idle']
         row = '3' if label == 'gate' else '3b'
-        rows.append((row, SECTION, 'Hot key: held %.0f s by a running task, %d more messages '
-                     'for it waiting, 1 worker -c 4; gate with %s (unguarded column: the '
-                     'holder alone, nothing waiting)' % (p['hold'], p['waiters'], title)))
+        w = p['waiters']
+        rows.append((row, SECTION, 'Waiting costs: key held %.0f s by a running task, %d more '
+                     'messages for it published meanwhile, 1 worker -c 4; gate with %s, parking '
+                     'on (unguarded column: the holder alone, nothing waiting)' % (
+                         p['hold'], w, title)))
         rows.append((row, 'worker tree CPU over the hold, s', fmt(idle['cpu']), fmt(b['cpu']),
                      fmt(s['cpu']),
                      'in-pool / gate %s' % fmt(b['cpu'] / max(s['cpu'], 1.0 / CLK_TCK), 0)))
+        rows.append((row, '  per waiting message, ms', '', fmt(b['cpu'] / w * 1000, 3),
+                     fmt(s['cpu'] / w * 1000, 3), ''))
         rows.append((row, 'pool entries / broker deliveries during the hold',
                      '%d / %d' % (idle['entries'], idle['deliveries']),
                      '%d / %d' % (b['entries'], b['deliveries']),
                      '%d / %d' % (s['entries'], s['deliveries']), ''))
+        rows.append((row, '  deliveries per waiting message', '', fmt(b['deliveries'] / w),
+                     fmt(s['deliveries'] / w), ''))
+        rows.append((row, 'waiting messages parked during the hold (gate counter)', '', '',
+                     str(s['gate'].get('parked', 0)), ''))
         rows.append((row, 'ZooKeeper server CPU over the hold, s', fmt(idle['zk_cpu']),
                      fmt(b['zk_cpu']), fmt(s['zk_cpu']), ''))
 
+
+def rows_zk(res, p, rows):
+    un = res['uncontended']
     # -- row 4
     n = p['noop_n']
     d = un['noop']
@@ -891,7 +944,6 @@ def build_rows(res, p):
         return tot / cnt if cnt else None
     rows.append(('4', 'server-side write latency, mean ms', fmt(write_latency(d['plain']), 2),
                  fmt(write_latency(d['inpool']), 2), fmt(write_latency(d['gate']), 2), ''))
-    return rows
 
 
 HEADERS = ('row', 'metric', 'unguarded', 'in-pool lock (baseline)', 'consumer gate (subject)',
@@ -925,34 +977,51 @@ def md_table(rows):
     return '\n'.join(out)
 
 
-def method_lines(p, quick):
-    return [
-        'Method (%s run; details in bench/README.md):' % ('quick' if quick else 'full'),
+def method_lines(p, quick, rows=ROW_GROUPS):
+    out = [
+        'Method (%s run%s; details in bench/README.md):' % (
+            'quick' if quick else 'full',
+            '' if tuple(rows) == ROW_GROUPS else ', rows %s only' % ','.join(rows)),
         '- Real prefork `celery worker`s (prefetch multiplier 4, results ignored), the local '
-        'RabbitMQ as broker, a private standalone ZooKeeper on this machine; every execution '
-        'appends one record to Redis from the pool process. Columns: unguarded task, in-pool '
-        'lock (baseline: acks_late, kazoo client per pool process, ephemeral create in the '
-        'task, NodeExists -> Reject(requeue=True), delete in finally), consumer gate (subject).',
-        '- Rows 1/1b: all %d noop / %d x %d ms messages are published to a fresh queue, then '
-        'the same warm worker is told to consume it (add_consumer); drain time = last '
-        'execution end - first execution start, from the records. Median (min-max) of %d '
-        'rep(s), order of the variants rotated per rep. CPU from /proc per process; '
-        'machine busy is /proc/stat (all cores) and includes anything else running.' % (
-            p['noop_n'], p['sleep_n'], round(p['sleep_d'] * 1000), p['reps']),
-        '- Rows 2/2b: pool entries counted with task_prerun in the pool processes; '
-        'deliveries counted in the consumer on task_received (before the gate), '
-        'redeliveries = deliveries - published (checked against the redelivered flag); gap = '
-        'next start - previous end on the same key. Median of %d rep(s); gaps pooled.'
-        % p['contended_reps'],
-        '- Rows 3/3b: utime+stime of the worker\'s process group (main + pool + reaped '
-        'children) from the holder\'s start to its end record.',
-        '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
-        '(+1 per child create and per delete) over the measured row-1 noop phases, per task.',
+        'RabbitMQ as broker, a private standalone ZooKeeper on this machine; '
+        'every execution appends one record to Redis from the pool process. Columns: '
+        'unguarded task, in-pool lock (baseline: acks_late, kazoo client per pool process, '
+        'ephemeral create in the task, NodeExists -> Reject(requeue=True), delete in finally), '
+        'consumer gate (subject).',
     ]
+    if '1' in rows:
+        out.append(
+            '- Rows 1/1b: all %d noop / %d x %d ms messages are published to a fresh queue, '
+            'then the same warm worker is told to consume it (add_consumer); drain time = last '
+            'execution end - first execution start, from the records. Median (min-max) of %d '
+            'rep(s), order of the variants rotated per rep. CPU from /proc per process; '
+            'machine busy is /proc/stat (all cores) and includes anything else running.' % (
+                p['noop_n'], p['sleep_n'], round(p['sleep_d'] * 1000), p['reps']))
+    if '2' in rows or '2c' in rows:
+        out.append(
+            '- Rows 2/2b/2c/2d: pool entries counted with task_prerun in the pool processes; '
+            'deliveries counted in the consumer on task_received (before the gate); beyond one '
+            'per message they are redeliveries (the redelivered flag) or unparked copies '
+            '(header x-mutex-unparked; the run checks that the two add up); gap = next start - '
+            'previous end on the same key. Median of %d (2/2b) / %d (2c/2d) rep(s); gaps '
+            'pooled.' % (p['contended_reps'], p['backlog_reps']))
+    if '3' in rows:
+        out.append(
+            '- Rows 3/3b: utime+stime of the worker\'s process group (main + pool + reaped '
+            'children) and deliveries from just before the waiters are published until the '
+            'holder\'s end record; then the queue stops being consumed and is purged with the '
+            'key\'s park queue (the waiters are not drained).')
+    if '1' in rows:
+        out.append(
+            '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
+            '(+1 per child create and per delete) over the measured row-1 noop phases, per '
+            'task.')
+    return out
 
 
-def report(res, bench, elapsed, load0, load1):
+def report(res, bench, elapsed, load0, load1, rows=ROW_GROUPS):
     p = bench.p
+    method = method_lines(p, bench.quick, rows)
     rows = build_rows(res, p)
     head = machine_info(bench.versions) + [
         'Load average before/after: %s / %s (other processes share these cores)' % (
@@ -961,12 +1030,12 @@ def report(res, bench, elapsed, load0, load1):
     ]
     notes = ['Note: %s' % n for n in bench.notes]
     prof = pyspy.profile_lines(res.get('profile'))
-    text = '\n'.join(head + [''] + method_lines(p, bench.quick) + ['', text_table(rows)] +
+    text = '\n'.join(head + [''] + method + ['', text_table(rows)] +
                      ([''] + notes if notes else []) + ([''] + prof if prof else []))
     md = '\n'.join(
         ['# celery-mutex-bootstep benchmark results%s' % (' (quick)' if bench.quick else ''),
          '', 'Produced by `python -m bench.run%s`.' % (' --quick' if bench.quick else ''), ''] +
-        ['- ' + h for h in head] + [''] + method_lines(p, bench.quick) + ['', md_table(rows)] +
+        ['- ' + h for h in head] + [''] + method + ['', md_table(rows)] +
         ([''] + ['- ' + n for n in notes] if notes else []) +
         ([''] + prof if prof else []) + [''])
     return text, md
@@ -980,28 +1049,45 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='python -m bench.run', description=__doc__.split('\n')[0])
-    ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~2 min)')
+    ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~1.5 min)')
+    ap.add_argument('--rows', default=None,
+                    help='run only these rows, comma-separated (groups: %s; 1 brings 1b and '
+                         '4, 2c brings 2d); the Markdown then goes to '
+                         'bench/results-partial.md unless --out' % ', '.join(ROW_GROUPS))
     ap.add_argument('--profile', action='store_true',
                     help='also profile the worker main process with py-spy (row 1 noop)')
     ap.add_argument('--out', default=None,
                     help='Markdown output (default bench/results.md, or '
                          'bench/results-quick.md with --quick)')
     args = ap.parse_args(argv)
+    rows = ROW_GROUPS
+    if args.rows:
+        asked = {ROW_ALIASES.get(r.strip(), r.strip()) for r in args.rows.split(',') if r.strip()}
+        unknown = asked - set(ROW_GROUPS)
+        if unknown:
+            ap.error('--rows: unknown row(s) %s (rows: %s)' % (
+                ', '.join(sorted(unknown)), ', '.join(ROW_GROUPS + tuple(ROW_ALIASES))))
+        rows = tuple(r for r in ROW_GROUPS if r in asked)
+    if args.profile and '1' not in rows:
+        ap.error('--profile needs row 1')
     signal.signal(signal.SIGTERM, _on_sigterm)
     params = dict(QUICK if args.quick else FULL)
-    out = args.out or os.path.join(HERE, 'results-quick.md' if args.quick else 'results.md')
+    # a partial run never overwrites a full run's results
+    default = ('results-quick.md' if args.quick else
+               'results.md' if rows == ROW_GROUPS else 'results-partial.md')
+    out = args.out or os.path.join(HERE, default)
     bench = Bench(params, args.quick)
     t0 = time.monotonic()
     load0 = os.getloadavg()
     ok = False
     try:
         bench.setup()
-        res = bench.run(profile=args.profile)
+        res = bench.run(rows, profile=args.profile)
         ok = True
     finally:
         bench.cleanup(keep_logs=not ok)
     elapsed = time.monotonic() - t0
-    text, md = report(res, bench, elapsed, load0, os.getloadavg())
+    text, md = report(res, bench, elapsed, load0, os.getloadavg(), rows)
     print(text)
     with open(out, 'w', encoding='utf-8') as f:
         f.write(md)
