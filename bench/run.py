@@ -1,12 +1,12 @@
 """Benchmarks: the consumer gate (subject) against an in-pool lock (baseline).
 
-    python -m bench.run            # full run, ~5-6 minutes; writes bench/results.md
-    python -m bench.run --quick    # smoke test, under a minute; writes bench/results-quick.md
-    python -m bench.run --rows 2c,3 # only these rows; writes bench/results-partial.md
+    python -m bench.run            # full run, ~8-10 minutes; writes bench/results.md
+    python -m bench.run --quick    # smoke test, about a minute; writes bench/results-quick.md
+    python -m bench.run --rows 5,6 # only these rows; writes bench/results-partial.md
     python -m bench.run --profile  # also py-spy the worker's main process (needs py-spy)
 
 Everything runs on this machine: a private ZooKeeper (integration.zkserver), the
-local RabbitMQ (broker) and Redis (execution records), and real prefork
+local RabbitMQ (broker; rows 5c: Redis) and Redis (execution records), and real prefork
 ``celery worker`` processes running bench/benchapp.py. Every run uses its own
 queues, exchanges, znodes and Redis keys (tagged with a random run id) and
 removes them, its workers and its ZooKeeper at the end, also on error or
@@ -34,7 +34,7 @@ from kombu import Exchange, Queue
 
 from celery_mutex_bootstep.keys import key_digest
 from celery_mutex_bootstep.parking import park_queue_name
-from bench import pyspy
+from bench import hotkey, pyspy
 from bench.measure import (CLK_TCK, SECTION, BenchError, fmt, fmt_range, log, machine_cpu,
                            median, pct, pids_named, proc_cpu, thread_cpu, tree_cpu)
 from integration import brokers, zkserver
@@ -54,6 +54,8 @@ FULL = dict(
     keys=4, per_key=20, dur=0.1, contended_reps=3,
     backlog=200, backlog_dur=0.02, backlog_reps=3,
     hold=5.0, waiters=1000,
+    behind_hot=5000, behind_others=40, behind_dur=0.02, behind_reps=1, behind_cap=30.0,
+    spread_keys=8, spread_per_key=10, spread_dur=0.1, spread_reps=3,
 )
 QUICK = dict(
     reps=1,
@@ -62,12 +64,14 @@ QUICK = dict(
     keys=2, per_key=6, dur=0.1, contended_reps=1,
     backlog=40, backlog_dur=0.02, backlog_reps=1,
     hold=2.0, waiters=200,
+    behind_hot=300, behind_others=10, behind_dur=0.02, behind_reps=1, behind_cap=2.0,
+    spread_keys=8, spread_per_key=3, spread_dur=0.1, spread_reps=1,
 )
 
 
 # --rows selects these groups; a row id names its group (1b and 4 come with 1)
-ROW_GROUPS = ('1', '2', '2c', '3')
-ROW_ALIASES = {'1b': '1', '4': '1', '2b': '2', '2d': '2c', '3b': '3'}
+ROW_GROUPS = ('1', '2', '2c', '3', '5', '6')
+ROW_ALIASES = {'1b': '1', '4': '1', '2b': '2', '2d': '2c', '3b': '3', '5b': '5', '5c': '5'}
 
 
 # --------------------------------------------------------------------------- the bench
@@ -706,6 +710,10 @@ class Bench:
             res['hot'] = self.row_hot()
         if getattr(self, 'c_workers', None):
             self.stop_workers(self.c_workers)
+        if '5' in rows:
+            res['behind'] = hotkey.row_behind(self)
+        if '6' in rows:
+            res['spread'] = hotkey.row_spread(self)
         return res
 
 
@@ -751,7 +759,7 @@ def build_rows(res, p):
                      ('backlog', rows_backlog), ('hot', rows_hot), ('uncontended', rows_zk)):
         if name in res:
             fn(res, p, rows)
-    return rows
+    return rows + hotkey.report_rows(res, p)
 
 
 def drains(rs):
@@ -983,7 +991,7 @@ def method_lines(p, quick, rows=ROW_GROUPS):
             'quick' if quick else 'full',
             '' if tuple(rows) == ROW_GROUPS else ', rows %s only' % ','.join(rows)),
         '- Real prefork `celery worker`s (prefetch multiplier 4, results ignored), the local '
-        'RabbitMQ as broker, a private standalone ZooKeeper on this machine; '
+        'RabbitMQ as broker (rows 5c: Redis), a private standalone ZooKeeper on this machine; '
         'every execution appends one record to Redis from the pool process. Columns: '
         'unguarded task, in-pool lock (baseline: acks_late, kazoo client per pool process, '
         'ephemeral create in the task, NodeExists -> Reject(requeue=True), delete in finally), '
@@ -1016,7 +1024,7 @@ def method_lines(p, quick, rows=ROW_GROUPS):
             '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
             '(+1 per child create and per delete) over the measured row-1 noop phases, per '
             'task.')
-    return out
+    return out + hotkey.method_lines(p, rows)
 
 
 def report(res, bench, elapsed, load0, load1, rows=ROW_GROUPS):
@@ -1052,7 +1060,7 @@ def main(argv=None):
     ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~1.5 min)')
     ap.add_argument('--rows', default=None,
                     help='run only these rows, comma-separated (groups: %s; 1 brings 1b and '
-                         '4, 2c brings 2d); the Markdown then goes to '
+                         '4, 2c brings 2d, 5 brings 5b and 5c); the Markdown then goes to '
                          'bench/results-partial.md unless --out' % ', '.join(ROW_GROUPS))
     ap.add_argument('--profile', action='store_true',
                     help='also profile the worker main process with py-spy (row 1 noop)')
