@@ -118,7 +118,8 @@ def behind_phase(bench, workers, task, tag, qargs, cap=None):
     st1 = [bench.must_stats(w) for w in workers]
     bench.consume(q, workers, on=False)
     guarded = task == 'sleep_guarded'
-    bench.quiesce(q, workers, park=[bench.park_queue(task, hot)] if guarded else [])
+    bench.quiesce(q, workers, park=[bench.park_queue(task, hot, client.bench_broker)]
+                  if guarded else [])
     runs = bench.runs(q)
     other_runs = [r for r in runs if r['k'] != hot]
     t0 = min([r['s'] for r in runs] or [t_consume])

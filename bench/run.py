@@ -141,7 +141,7 @@ class Bench:
                 log('could not stop worker %s: %r' % (w.hostname, exc))
         for broker, client in self.clients.items():
             # the park queues of every key that may have waited (product keeps them)
-            parked = sorted({park_queue_name(self.namespace, key_digest('bench.' + task, [key]))
+            parked = sorted({self.park_queue(task, key, broker)
                              for (b, task, key), n in self.contended.items()
                              if b == broker and n > 1})
             try:
@@ -187,7 +187,7 @@ class Bench:
         (queues, bindings, pidbox replies) or this run's namespace (park queues)."""
         try:
             r = redis.Redis.from_url(REDIS_BROKER_URL)
-            space = park_queue_name(self.namespace, 'x')[:-1]
+            space = park_queue_name(self.namespace_for(REDIS_BROKER_URL), 'x')[:-1]
             keys = set(r.scan_iter(match='*%s*' % self.prefix, count=1000))
             keys |= set(r.scan_iter(match='*%s*' % space, count=1000))
             if keys:
@@ -240,7 +240,7 @@ class Bench:
         env = {
             'BENCH_BROKER': broker or self.broker,
             'BENCH_QUEUE': idle or self.idle_queue,
-            'BENCH_NAMESPACE': self.namespace,
+            'BENCH_NAMESPACE': self.namespace_for(broker or self.broker),
             'BENCH_INPOOL_NAMESPACE': self.inpool_namespace,
             'BENCH_ZK_HOSTS': self.zk.hosts,
             'BENCH_RECORDS': self.records,
@@ -374,8 +374,16 @@ class Bench:
                     queue, self.count(queue), n, timeout))
             time.sleep(0.02)
 
-    def park_queue(self, task, key):
-        return park_queue_name(self.namespace, key_digest('bench.' + task, [key]))
+    def namespace_for(self, broker):
+        """The gate's namespace on *broker*'s workers: one per broker, because the
+        park-queue registry in ZooKeeper is per namespace and a worker's sweep
+        looks for a registered park queue on its own broker (declaring it there)."""
+        return self.namespace if broker == self.broker else '%s-%s' % (
+            self.namespace, broker.split(':', 1)[0])
+
+    def park_queue(self, task, key, broker=None):
+        return park_queue_name(self.namespace_for(broker or self.broker),
+                               key_digest('bench.' + task, [key]))
 
     def quiesce(self, queue, workers, park=(), timeout=30.0):
         """After cancel_consumer, without draining a backlog: purge the queue and
