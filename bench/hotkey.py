@@ -136,6 +136,7 @@ def behind_phase(bench, workers, task, tag, qargs, cap=None):
     def delta(i):
         return sum(b['deliveries'].get(q, [0, 0, 0])[i] - a['deliveries'].get(q, [0, 0, 0])[i]
                    for a, b in zip(st0, st1))
+
     def counter(name):
         return sum(b['gate'].get(name, 0) - a['gate'].get(name, 0) for a, b in zip(st0, st1))
     return {
