@@ -387,8 +387,8 @@ class Bench:
 
     def quiesce(self, queue, workers, park=(), timeout=30.0):
         """After cancel_consumer, without draining a backlog: purge the queue and
-        the park queues until nothing moves for a second (no purged message, no
-        new record, gate counters still), so the next phase starts clean.
+        the park queues until nothing moves for half a second (no purged message,
+        no new record, gate counters still), so the next phase starts clean.
 
         Prefetched messages and room waiters still finish or park, and the gate
         keeps unparking into the queue meanwhile: hence the loop.
@@ -410,7 +410,7 @@ class Bench:
                 now = time.monotonic()
                 if purged or state != last:
                     quiet_since = now
-                elif now - quiet_since >= 1.0:
+                elif now - quiet_since >= 0.5:
                     return
                 last = state
                 if now > deadline:
