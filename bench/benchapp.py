@@ -15,6 +15,11 @@ serves every benchmark phase:
 ``BENCH_PREFETCH``         worker_prefetch_multiplier (default 4, Celery's default)
 ``BENCH_REQUEUE_DELAY``    mutex_requeue_delay (unset: the product default)
 ``BENCH_COUNT_ENTRIES=1``  count every pool entry (task_prerun) in Redis
+``BENCH_ACKS_LATE=1``      task_acks_late for every task
+``BENCH_QUEUE_TYPE``       ``quorum``: the default queue is a RabbitMQ quorum queue
+                           (so the worker uses per-consumer QoS, which quorum
+                           queues need), with ``x-delivery-limit`` of
+``BENCH_DELIVERY_LIMIT``   (default 3, as the integration tests)
 ``BENCH_CONTROL_EXCHANGE`` control exchange (keeps remote control private)
 ``BENCH_SWITCH_INTERVAL``  sys.setswitchinterval() in the worker (diagnostics only)
 
@@ -31,7 +36,9 @@ Results are not stored (``task_ignore_result``): the runner reads records.
 The ``bench_stats`` inspect command returns, per worker, the deliveries the
 consumer saw per routing key (all, and those with ``redelivered`` set; counted
 in the consumer on ``task_received``, i.e. before the mutex gate decides), the
-gate's counters and whether its ZooKeeper session is connected.
+gate's counters and whether its ZooKeeper session is connected. A parked
+message that was unparked (header ``x-mutex-unparked``) is a fresh copy, not a
+redelivery: it is counted apart.
 """
 import json
 import os
@@ -44,6 +51,7 @@ from celery.exceptions import Reject
 from celery.worker.control import inspect_command
 from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError, NoNodeError
+from kombu import Queue
 
 from celery_mutex_bootstep import install
 
@@ -63,6 +71,12 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get('BENCH_ACKS_LATE') == '1':
+    app.conf.task_acks_late = True
+if os.environ.get('BENCH_QUEUE_TYPE') == 'quorum':
+    app.conf.task_queues = [Queue(app.conf.task_default_queue, queue_arguments={
+        'x-queue-type': 'quorum',
+        'x-delivery-limit': int(os.environ.get('BENCH_DELIVERY_LIMIT', '3'))})]
 if os.environ.get('BENCH_CONTROL_EXCHANGE'):
     app.conf.control_exchange = os.environ['BENCH_CONTROL_EXCHANGE']
 if os.environ.get('BENCH_REQUEUE_DELAY'):
@@ -191,15 +205,18 @@ _deliveries = {}
 @signals.task_received.connect
 def _count_delivery(request=None, **_):
     info = request.delivery_info or {}
-    counts = _deliveries.setdefault(info.get('routing_key'), [0, 0])
+    counts = _deliveries.setdefault(info.get('routing_key'), [0, 0, 0])
     counts[0] += 1
     if info.get('redelivered'):
         counts[1] += 1
+    if ((request.message.headers or {}) if request.message else {}).get('x-mutex-unparked'):
+        counts[2] += 1
 
 
 @inspect_command()
 def bench_stats(state):
-    """Deliveries per routing key, the mutex gate's counters and session state.
+    """Deliveries per routing key ([all, redelivered, unparked copies]), the
+    mutex gate's counters and session state.
 
     Only the gate's public ``counters`` and ``leases.connected`` are read.
     """

@@ -1,11 +1,12 @@
 """Benchmarks: the consumer gate (subject) against an in-pool lock (baseline).
 
-    python -m bench.run            # full run, ~3-5 minutes; writes bench/results.md
-    python -m bench.run --quick    # smoke test, under a minute; writes bench/results-quick.md
+    python -m bench.run            # full run, ~8-10 minutes; writes bench/results.md
+    python -m bench.run --quick    # smoke test, about a minute; writes bench/results-quick.md
+    python -m bench.run --rows 5,6 # only these rows; writes bench/results-partial.md
     python -m bench.run --profile  # also py-spy the worker's main process (needs py-spy)
 
 Everything runs on this machine: a private ZooKeeper (integration.zkserver), the
-local RabbitMQ (broker) and Redis (execution records), and real prefork
+local RabbitMQ (broker; rows 5c: Redis) and Redis (execution records), and real prefork
 ``celery worker`` processes running bench/benchapp.py. Every run uses its own
 queues, exchanges, znodes and Redis keys (tagged with a random run id) and
 removes them, its workers and its ZooKeeper at the end, also on error or
@@ -13,18 +14,17 @@ Ctrl-C. See bench/README.md for the method.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from importlib import metadata
 
 import redis
@@ -32,139 +32,49 @@ from celery import Celery
 from kazoo.client import KazooClient
 from kombu import Exchange, Queue
 
+from celery_mutex_bootstep.keys import key_digest
+from celery_mutex_bootstep.parking import park_queue_name
+from bench import hotkey, pyspy
+from bench.measure import (CLK_TCK, SECTION, BenchError, fmt, fmt_range, log, machine_cpu,
+                           median, pct, pids_named, proc_cpu, thread_cpu, tree_cpu)
 from integration import brokers, zkserver
 from integration.workers import start_worker
 
 APP = 'bench.benchapp'
 RECORD_URL = 'redis://127.0.0.1:6379/2'
+# Redis as broker (hot-key rows): a db of its own (the tests' broker is db 3)
+REDIS_BROKER_URL = 'redis://127.0.0.1:6379/5'
+UNGUARDED = ('noop_plain', 'sleep_plain', 'sleep_inpool')
 HERE = os.path.dirname(os.path.abspath(__file__))
-CLK_TCK = os.sysconf('SC_CLK_TCK')
 
 FULL = dict(
     reps=5,                 # measured repetitions of each uncontended phase
     noop_n=2000, noop_warmup=200,
     sleep_n=500, sleep_d=0.01, sleep_warmup=50,
     keys=4, per_key=20, dur=0.1, contended_reps=3,
-    backlog=100, backlog_dur=0.05, backlog_reps=3,
-    hold=5.0, waiters=3,
+    backlog=200, backlog_dur=0.02, backlog_reps=3,
+    hold=5.0, waiters=1000,
+    behind_hot=5000, behind_others=40, behind_dur=0.02, behind_reps=1, behind_cap=30.0,
+    spread_keys=8, spread_per_key=10, spread_dur=0.1, spread_reps=3,
 )
 QUICK = dict(
     reps=1,
     noop_n=300, noop_warmup=50,
     sleep_n=100, sleep_d=0.01, sleep_warmup=20,
     keys=2, per_key=6, dur=0.1, contended_reps=1,
-    backlog=20, backlog_dur=0.05, backlog_reps=1,
-    hold=2.0, waiters=3,
+    backlog=40, backlog_dur=0.02, backlog_reps=1,
+    hold=2.0, waiters=200,
+    behind_hot=300, behind_others=10, behind_dur=0.02, behind_reps=1, behind_cap=2.0,
+    spread_keys=8, spread_per_key=3, spread_dur=0.1, spread_reps=1,
 )
 
 
-def log(msg):
-    print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- /proc
-
-def _stat_fields(pid):
-    try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b')') + 2:].split()
-
-
-def proc_cpu(pid, with_children=False):
-    """utime+stime (plus cutime+cstime) of *pid* in seconds; 0.0 if it is gone."""
-    f = _stat_fields(pid)
-    if f is None:
-        return 0.0
-    ticks = int(f[11]) + int(f[12])
-    if with_children:
-        ticks += int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
-
-
-def thread_cpu(pid, tid):
-    """utime+stime of one thread of *pid* in seconds; 0.0 if it is gone."""
-    try:
-        with open('/proc/%d/task/%d/stat' % (pid, tid), 'rb') as f:
-            data = f.read()
-    except OSError:
-        return 0.0
-    fields = data[data.rfind(b')') + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_cpu():
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
-    with open('/proc/stat', encoding='ascii') as f:
-        parts = f.readline().split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def pids_named(*names):
-    """Pids whose /proc/<pid>/comm is one of *names* (e.g. the broker's)."""
-    out = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/comm' % entry, encoding='utf-8') as f:
-                    if f.read().strip() in names:
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
-def tree_cpu(worker):
-    """CPU seconds of a worker's whole process group: main + pool children.
-
-    Children already reaped by the main process are in its cutime/cstime.
-    """
-    total = 0.0
-    for pid in worker.group_pids():
-        total += proc_cpu(pid, with_children=(pid == worker.pid))
-    return total
-
-
-# --------------------------------------------------------------------------- stats helpers
-
-def median(xs):
-    return statistics.median(xs) if xs else float('nan')
-
-
-def pct(xs, q):
-    """Nearest-rank percentile."""
-    if not xs:
-        return float('nan')
-    s = sorted(xs)
-    return s[max(0, min(len(s) - 1, math.ceil(q / 100.0 * len(s)) - 1))]
-
-
-def fmt(x, digits=2):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return 'n/a'
-    if isinstance(x, int):
-        return str(x)
-    return '%.*f' % (digits, x)
-
-
-def fmt_range(values, digits=2):
-    """'median (min-max)' when there are several values."""
-    if not values:
-        return 'n/a'
-    m = fmt(median(values), digits)
-    if len(values) > 1:
-        return '%s (%s-%s)' % (m, fmt(min(values), digits), fmt(max(values), digits))
-    return m
+# --rows selects these groups; a row id names its group (1b and 4 come with 1)
+ROW_GROUPS = ('1', '2', '2c', '3', '5', '6')
+ROW_ALIASES = {'1b': '1', '4': '1', '2b': '2', '2d': '2c', '3b': '3', '5b': '5', '5c': '5'}
 
 
 # --------------------------------------------------------------------------- the bench
-
-class BenchError(RuntimeError):
-    pass
-
 
 class Bench:
     def __init__(self, params, quick):
@@ -178,13 +88,17 @@ class Bench:
         self.control_exchange = 'bench-%s-ctl' % self.run_id
         self.idle_queue = '%s-idle' % self.prefix
         self.log_dir = tempfile.mkdtemp(prefix='celery-mutex-bench-')
-        self.queues = [self.idle_queue]
+        self.queues = {}            # broker URL -> queue names this run declared
+        self.clients = {}           # broker URL -> Celery client
+        self.contended = Counter()  # (broker, task, key) published, guarded tasks only
+        self.entities = {}          # queue name -> Queue, for queues with arguments
         self.workers = []
         self.zk = None
         self.kz = None
         self.client = None
         self.redis = None
         self.broker = None
+        self.redis_broker = REDIS_BROKER_URL
         self.versions = {}
         self.notes = []
         self.rabbit_pids = []
@@ -198,9 +112,8 @@ class Bench:
         brokers.ensure_redis()
         self.zk = zkserver.standalone()
         self.redis = redis.Redis.from_url(RECORD_URL)
-        self.client = Celery('bench-client', broker=self.broker, set_as_current=False)
-        self.client.conf.control_exchange = self.control_exchange
-        self.client.conf.broker_connection_retry_on_startup = True
+        self.client = self.client_for(self.broker)
+        self.queues[self.broker].append(self.idle_queue)
         self.kz = KazooClient(hosts=self.zk.hosts)
         self.kz.start(timeout=15)
         self.kz.ensure_path(self.namespace)
@@ -212,20 +125,31 @@ class Bench:
     def cleanup(self, keep_logs=False):
         for w in self.workers:
             try:
-                w.terminate()
+                if not getattr(w, 'stopping', False):
+                    w.terminate()
             except Exception:
                 pass
         for w in self.workers:
             try:
+                if getattr(w, 'stopping', False):  # a second SIGTERM would interrupt it
+                    try:
+                        w.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        pass  # stop() kills it
                 w.stop(timeout=20)
             except Exception as exc:
                 log('could not stop worker %s: %r' % (w.hostname, exc))
-        if self.client is not None:
+        for broker, client in self.clients.items():
+            # the park queues of every key that may have waited (product keeps them)
+            parked = sorted({self.park_queue(task, key, broker)
+                             for (b, task, key), n in self.contended.items()
+                             if b == broker and n > 1})
             try:
-                with self.client.connection_for_write() as conn:
+                with client.connection_for_write() as conn:
                     ch = conn.default_channel
-                    ops = [(op, q) for q in self.queues
+                    ops = [(op, q) for q in self.queues.get(broker, ())
                            for op in ('queue_delete', 'exchange_delete')]
+                    ops += [('queue_delete', q) for q in parked]
                     # remote control's exchanges (kombu leaves them behind)
                     ops += [('exchange_delete', '%s.pidbox' % self.control_exchange),
                             ('exchange_delete', 'reply.%s.pidbox' % self.control_exchange)]
@@ -235,7 +159,9 @@ class Bench:
                         except Exception:
                             ch = conn.channel()  # a failed op closes the channel
             except Exception as exc:
-                log('could not delete the queues: %r' % (exc,))
+                log('could not delete the queues on %s: %r' % (broker.split('@')[-1], exc))
+        if REDIS_BROKER_URL in self.clients:
+            self._clean_redis_broker()
         if self.redis is not None:
             try:
                 keys = list(self.redis.scan_iter(match=self.records + ':*', count=1000))
@@ -255,6 +181,34 @@ class Bench:
             log('worker logs kept in %s' % self.log_dir)
         else:
             shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _clean_redis_broker(self):
+        """What kombu leaves in the Redis broker db: only keys named after this run
+        (queues, bindings, pidbox replies) or this run's namespace (park queues)."""
+        try:
+            r = redis.Redis.from_url(REDIS_BROKER_URL)
+            space = park_queue_name(self.namespace_for(REDIS_BROKER_URL), 'x')[:-1]
+            keys = set(r.scan_iter(match='*%s*' % self.prefix, count=1000))
+            keys |= set(r.scan_iter(match='*%s*' % space, count=1000))
+            if keys:
+                r.delete(*keys)
+            # kombu's shared index of binding expiries: only this run's members
+            mine = [m for m in r.zrange('_kombu.binding_deadlines', 0, -1)
+                    if self.prefix.encode() in m]
+            if mine:
+                r.zrem('_kombu.binding_deadlines', *mine)
+        except Exception as exc:
+            log('could not delete the Redis broker keys: %r' % (exc,))
+
+    def client_for(self, broker):
+        if broker not in self.clients:
+            client = Celery('bench-client', broker=broker, set_as_current=False)
+            client.conf.control_exchange = self.control_exchange
+            client.conf.broker_connection_retry_on_startup = True
+            client.bench_broker = broker
+            self.clients[broker] = client
+            self.queues.setdefault(broker, [])
+        return self.clients[broker]
 
     def _collect_versions(self):
         v = self.versions
@@ -282,11 +236,11 @@ class Bench:
 
     # -- workers -------------------------------------------------------------
 
-    def env(self, **extra):
+    def env(self, broker=None, idle=None, **extra):
         env = {
-            'BENCH_BROKER': self.broker,
-            'BENCH_QUEUE': self.idle_queue,
-            'BENCH_NAMESPACE': self.namespace,
+            'BENCH_BROKER': broker or self.broker,
+            'BENCH_QUEUE': idle or self.idle_queue,
+            'BENCH_NAMESPACE': self.namespace_for(broker or self.broker),
             'BENCH_INPOOL_NAMESPACE': self.inpool_namespace,
             'BENCH_ZK_HOSTS': self.zk.hosts,
             'BENCH_RECORDS': self.records,
@@ -296,16 +250,22 @@ class Bench:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def start_workers(self, names, concurrency, **env):
-        """Start workers (in parallel) on the idle queue; wait until each answers
-        bench_stats with its ZooKeeper session connected."""
+    def start_workers(self, names, concurrency, broker=None, idle=None, **env):
+        """Start workers (in parallel) on the idle queue (*idle*, default the run's
+        one, on *broker*, default RabbitMQ); wait until each answers bench_stats
+        with its ZooKeeper session connected."""
+        broker = broker or self.broker
+        client = self.client_for(broker)
+        if idle and idle not in self.queues[broker]:
+            self.queues[broker].append(idle)
         started = []
         for name in names:
             w = start_worker(
                 APP, hostname='%s-%s@%%h' % (name, self.run_id), concurrency=concurrency,
-                extra_args=['--mutex-hosts', self.zk.hosts, '-Q', self.idle_queue],
-                env=self.env(**env), loglevel='WARNING', log_dir=self.log_dir)
+                extra_args=['--mutex-hosts', self.zk.hosts, '-Q', idle or self.idle_queue],
+                env=self.env(broker, idle, **env), loglevel='WARNING', log_dir=self.log_dir)
             w.node = '%s-%s@%s' % (name, self.run_id, socket.gethostname())
+            w.client, w.concurrency = client, concurrency
             self.workers.append(w)
             started.append(w)
         for w in started:
@@ -325,9 +285,18 @@ class Bench:
                 time.sleep(0.2)
         return started
 
+    def stop_workers(self, workers):
+        """Warm-stop workers a row no longer needs, so they are off the cores. Not
+        waited for: Celery's warm shutdown of even an idle prefork worker takes
+        seconds (waiting on its pool), which would only add to the run; cleanup()
+        reaps them."""
+        for w in workers:
+            w.terminate()
+            w.stopping = True
+
     def stats(self, worker, tries=1):
         for _ in range(tries):
-            replies = self.client.control.broadcast(
+            replies = worker.client.control.broadcast(
                 'bench_stats', destination=[worker.node], reply=True, timeout=1.0) or []
             for item in replies:
                 if worker.node in item:
@@ -342,27 +311,40 @@ class Bench:
 
     # -- queues, publishing, records -------------------------------------------
 
-    def new_queue(self, tag):
+    def new_queue(self, tag, client=None, arguments=None):
+        """Declare a fresh queue (``arguments``: e.g. a quorum queue's)."""
+        client = client or self.client
+        names = self.queues[client.bench_broker]
         name = '%s-%s' % (self.prefix, tag)
-        if name in self.queues:
-            name = '%s-%d' % (name, len(self.queues))
-        with self.client.connection_for_write() as conn:
-            Queue(name, Exchange(name, 'direct'), routing_key=name)(conn.default_channel).declare()
-        self.queues.append(name)
+        if name in names:
+            name = '%s-%d' % (name, len(names))
+        queue = Queue(name, Exchange(name, 'direct'), routing_key=name, queue_arguments=arguments)
+        with client.connection_for_write() as conn:
+            queue(conn.default_channel).declare()
+        names.append(name)
+        if arguments:  # publish to the entity, or the client declares it without them
+            self.entities[name] = queue
         return name
 
-    def publish(self, queue, task, arglist, kwargs=None):
-        with self.client.producer_or_acquire() as producer:
+    def publish(self, queue, task, arglist, kwargs=None, client=None):
+        client = client or self.client
+        if task not in UNGUARDED:  # keys that may wait have park queues to delete
+            broker = client.bench_broker
+            self.contended.update((broker, task, args[0]) for args in arglist)
+        with client.producer_or_acquire() as producer:
             for args in arglist:
-                self.client.send_task('bench.' + task, args=args, kwargs=kwargs,
-                                      queue=queue, producer=producer)
+                client.send_task('bench.' + task, args=args, kwargs=kwargs,
+                                 queue=self.entities.get(queue, queue), producer=producer)
 
-    def consume(self, queue, workers, on=True):
+    def consume(self, queue, workers, on=True, arguments=None):
+        """add_consumer (with the queue's ``arguments``, which the worker declares it
+        with) or cancel_consumer, on every worker, until each has answered."""
         nodes = [w.node for w in workers]
-        ctl = self.client.control
+        ctl = workers[0].client.control
         fun = ctl.add_consumer if on else ctl.cancel_consumer
+        extra = {'options': {'queue_arguments': arguments}} if on and arguments else {}
         for _ in range(5):
-            replies = fun(queue, destination=nodes, reply=True, timeout=3.0) or []
+            replies = fun(queue, destination=nodes, reply=True, timeout=3.0, **extra) or []
             answered = {n for r in replies for n in r}
             if answered >= set(nodes):
                 return
@@ -391,6 +373,51 @@ class Bench:
                 raise BenchError('%s: %d of %d executions after %.0f s' % (
                     queue, self.count(queue), n, timeout))
             time.sleep(0.02)
+
+    def namespace_for(self, broker):
+        """The gate's namespace on *broker*'s workers: one per broker, because the
+        park-queue registry in ZooKeeper is per namespace and a worker's sweep
+        looks for a registered park queue on its own broker (declaring it there)."""
+        return self.namespace if broker == self.broker else '%s-%s' % (
+            self.namespace, broker.split(':', 1)[0])
+
+    def park_queue(self, task, key, broker=None):
+        return park_queue_name(self.namespace_for(broker or self.broker),
+                               key_digest('bench.' + task, [key]))
+
+    def quiesce(self, queue, workers, park=(), timeout=30.0):
+        """After cancel_consumer, without draining a backlog: purge the queue and
+        the park queues until nothing moves for half a second (no purged message,
+        no new record, gate counters still), so the next phase starts clean.
+
+        Prefetched messages and room waiters still finish or park, and the gate
+        keeps unparking into the queue meanwhile: hence the loop.
+        """
+        client = workers[0].client
+        deadline = time.monotonic() + timeout
+        last, quiet_since = None, None
+        with client.connection_for_write() as conn:
+            ch = conn.channel()
+            while True:
+                purged = 0
+                for name in [queue] + list(park):
+                    try:
+                        purged += ch.queue_purge(name) or 0
+                    except Exception:  # a park queue never declared: closes the channel
+                        ch = conn.channel()
+                gate = [sorted(self.must_stats(w)['gate'].items()) for w in workers]
+                state = (self.count(queue), self.count(queue, ':rejects'), gate)
+                now = time.monotonic()
+                if purged or state != last:
+                    quiet_since = now
+                elif now - quiet_since >= 0.5:
+                    return
+                last = state
+                if now > deadline:
+                    self.notes.append('%s: still moving %.0f s after it stopped being consumed'
+                                      % (queue, timeout))
+                    return
+                time.sleep(0.2)
 
     # -- ZooKeeper counters -------------------------------------------------------
 
@@ -515,17 +542,18 @@ class Bench:
         zk1 = self.zk_snapshot()
         self.consume(q, workers, on=False)
         st1 = [self.must_stats(w) for w in workers]
-        deliveries = sum(s['deliveries'].get(q, [0, 0])[0] for s in st1)
-        redelivered = sum(s['deliveries'].get(q, [0, 0])[1] for s in st1)
+        deliveries = sum(s['deliveries'].get(q, [0, 0, 0])[0] for s in st1)
+        redelivered = sum(s['deliveries'].get(q, [0, 0, 0])[1] for s in st1)
+        unparked = sum(s['deliveries'].get(q, [0, 0, 0])[2] for s in st1)
         gate = {}
         for a, b in zip(st0, st1):
             for key, val in b['gate'].items():
                 gate[key] = gate.get(key, 0) + val - a['gate'].get(key, 0)
         entries = self.count(q, ':entries')
         rejects = self.count(q, ':rejects')
-        if deliveries - k * t != redelivered:
-            self.notes.append('%s: deliveries - published = %d but %d flagged redelivered' % (
-                tag, deliveries - k * t, redelivered))
+        if deliveries - k * t != redelivered + unparked:
+            self.notes.append('%s: deliveries - published = %d but %d flagged redelivered '
+                              'and %d unparked' % (tag, deliveries - k * t, redelivered, unparked))
         by_key = {}
         for r in runs:
             by_key.setdefault(r['k'], []).append(r)
@@ -539,21 +567,37 @@ class Bench:
         return {
             'drain': max(r['e'] for r in runs) - min(r['s'] for r in runs),
             'executions': len(runs), 'entries': entries, 'rejects': rejects,
-            'deliveries': deliveries, 'redelivered': redelivered, 'published': k * t,
+            'deliveries': deliveries, 'redelivered': redelivered, 'unparked': unparked,
+            'published': k * t,
             'gaps': gaps, 'overlaps': overlaps, 'cpu': sum(cpu1) - sum(cpu0),
-            'zk': self.zk_delta(zk0, zk1), 'gate': gate,
+            'zk': self.zk_delta(zk0, zk1), 'gate': gate, 'runs': runs,
         }
+
+    def warm_up(self, workers, tag):
+        """Every pool process runs once and the in-pool baseline's children open
+        their kazoo sessions, so no measured phase pays for it."""
+        client = workers[0].client
+        warm = self.new_queue('warm-%s' % tag, client=client)
+        n = 5 * sum(w.concurrency for w in workers)
+        self.publish(warm, 'sleep_inpool', [('warm-%s-%d' % (tag, i), 0.02) for i in range(n)],
+                     client=client)
+        self.consume(warm, workers)
+        self.wait_runs(warm, n, workers, timeout=60)
+        self.consume(warm, workers, on=False)
+
+    def contended_workers(self):
+        """The two -c 4 workers of rows 2, 2c and 3, started (and warmed) once."""
+        if not getattr(self, 'c_workers', None):
+            workers = self.start_workers(['c1', 'c2'], concurrency=4, BENCH_COUNT_ENTRIES=1)
+            self.warm_up(workers, 'contended')
+            self.c_workers = workers
+        return self.c_workers
 
     def row_contended(self):
         p = self.p
         log('row 2: %d keys x %d tasks x %.2f s, 2 workers -c 4' % (
             p['keys'], p['per_key'], p['dur']))
-        workers = self.start_workers(['c1', 'c2'], concurrency=4, BENCH_COUNT_ENTRIES=1)
-        warm = self.new_queue('warm-contended')
-        self.publish(warm, 'sleep_inpool', [('warm-%d' % i, 0.02) for i in range(40)])
-        self.consume(warm, workers)
-        self.wait_runs(warm, 40, workers, timeout=60)
-        self.consume(warm, workers, on=False)
+        workers = self.contended_workers()
         variants = [('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate'),
                     ('sleep_guarded_fast', 'gate_fast')]
         out = {label: [] for _, label in variants}
@@ -569,27 +613,30 @@ class Bench:
                 if r['overlaps']:
                     self.notes.append('%s rep %d: %d overlapping executions of one key!' % (
                         label, rep, r['overlaps']))
-        return workers, out
+        return out
 
     # -- row 2c: a backlog on one key -------------------------------------------------
 
-    def row_backlog(self, worker):
-        """n tasks of duration D queued on one key, one worker -c 4: the physical
-        limit is n x D; what is over it is the handover."""
+    def row_backlog(self):
+        """Hot-key drain: n tasks of duration D queued on one key, drained by one
+        worker -c 4 (2c) and by two (2d): the physical limit is n x D; what is
+        over it is the handover."""
         p = self.p
         n, d = p['backlog'], p['backlog_dur']
-        log('row 2c: %d tasks x %.2f s on one key, 1 worker -c 4' % (n, d))
-        out = {'inpool': [], 'gate': []}
+        workers = self.contended_workers()
+        log('row 2c/2d: %d tasks x %.2f s on one key, 1 and 2 workers -c 4' % (n, d))
+        out = {'1': {'inpool': [], 'gate': []}, '2': {'inpool': [], 'gate': []}}
         for rep in range(p['backlog_reps']):
-            for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate')):
-                r = self.contended_phase([worker], task, 'backlog-%s-r%d' % (label, rep),
-                                         keys=1, per_key=n, dur=d)
-                out[label].append(r)
-                log('  %-6s rep %d: drain %.2f s (limit %.2f), gap median %.1f ms' % (
-                    label, rep, r['drain'], n * d, median(r['gaps']) * 1000))
-                if r['overlaps']:
-                    self.notes.append('backlog %s rep %d: %d overlapping executions!' % (
-                        label, rep, r['overlaps']))
+            for nw in ('1', '2'):
+                for task, label in (('sleep_inpool', 'inpool'), ('sleep_guarded', 'gate')):
+                    r = self.contended_phase(workers[:int(nw)], task, 'backlog%s-%s-r%d' % (
+                        nw, label, rep), keys=1, per_key=n, dur=d)
+                    out[nw][label].append(r)
+                    log('  %s worker(s) %-6s rep %d: drain %.2f s (n x D %.2f), gap median '
+                        '%.1f ms' % (nw, label, rep, r['drain'], n * d, median(r['gaps']) * 1000))
+                    if r['overlaps']:
+                        self.notes.append('backlog %s workers %s rep %d: %d overlapping '
+                                          'executions!' % (nw, label, rep, r['overlaps']))
         return out
 
     # -- row 3: hot key -------------------------------------------------------------
@@ -608,7 +655,7 @@ class Bench:
         cpu0, zcpu0, t0 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
         ent0 = self.count(q, ':entries')
         st0 = self.must_stats(worker)
-        del0 = st0['deliveries'].get(q, [0, 0])[0]
+        del0 = st0['deliveries'].get(q, [0, 0, 0])[0]
         self.publish(q, task, [(key, 0.01)] * waiters)
         # the window ends when the holder's execution record appears
         while not any(r['d'] == p['hold'] for r in self.runs(q)):
@@ -617,13 +664,16 @@ class Bench:
             time.sleep(0.01)
         cpu1, zcpu1, t1 = tree_cpu(worker), proc_cpu(self.zk.pid), time.monotonic()
         st1 = self.must_stats(worker)
-        del1 = st1['deliveries'].get(q, [0, 0])[0]
-        runs = self.wait_runs(q, 1 + waiters, [worker], timeout=60)
+        del1 = st1['deliveries'].get(q, [0, 0, 0])[0]
+        # the waiters are not drained (hundreds of serial runs say nothing more):
+        # stop consuming, drop what is left, let the room waiters finish
         self.consume(q, [worker], on=False)
+        self.quiesce(q, [worker], park=[] if task in UNGUARDED else [self.park_queue(task, key)])
+        runs = self.runs(q)
         ent1 = self.count(q, ':entries')
         # Pool entries during the hold = all entries after it began minus those
         # that began after the holder's end (the waiters' executions, racing
-        # rejects): exact, whatever the polling delay.
+        # rejects): exact, whatever the polling delay, as every record is in.
         end = next(r['e'] for r in runs if r['d'] == p['hold'])
         late = sum(1 for r in runs if r['s'] >= end)
         late += sum(1 for x in self.redis.lrange('%s:%s:rejects' % (self.records, q), 0, -1)
@@ -632,11 +682,12 @@ class Bench:
         return {
             'cpu': cpu1 - cpu0, 'zk_cpu': zcpu1 - zcpu0, 'window': t1 - t0,
             'entries': max(0, ent1 - ent0 - late), 'deliveries': del1 - del0,
-            'gate': gate,
+            'gate': gate, 'waiters': waiters,
         }
 
-    def row_hot(self, worker):
+    def row_hot(self):
         p = self.p
+        worker = self.contended_workers()[0]
         log('row 3: hot key held %.1f s with %d waiters, 1 worker -c 4' % (
             p['hold'], p['waiters']))
         out = {}
@@ -652,122 +703,26 @@ class Bench:
 
     # -- all ------------------------------------------------------------------------
 
-    # -- optional: where the worker's main process spends its CPU -----------------
-
-    def profile(self):
-        """py-spy (GIL-holding samples, all threads) of the row-1 worker's main
-        process over one more unguarded and one more guarded noop drain."""
-        spy = shutil.which('py-spy') or os.path.join(os.path.dirname(sys.executable), 'py-spy')
-        if not os.path.exists(spy):
-            self.notes.append('--profile: py-spy not found (pip install py-spy)')
-            return None
-        w, n = self.u_worker, self.p['noop_n']
-        out = {}
-        for task, label in (('noop_plain', 'unguarded'), ('noop', 'gate')):
-            log('profile: %d x %s under py-spy' % (n, task))
-            q = self.new_queue('prof-%s' % label)
-            self.publish(q, task, [('prof-%s-%d' % (label, i),) for i in range(n)])
-            raw = os.path.join(self.log_dir, 'py-spy-%s.txt' % label)
-            proc = subprocess.Popen(
-                [spy, 'record', '--pid', str(w.pid), '--rate', '250', '--format', 'raw',
-                 '--output', raw, '--threads', '--gil', '--nonblocking'],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(1.0)
-            main0, mt0 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
-            self.consume(q, [w])
-            runs = self.wait_runs(q, n, [w], timeout=60 + n * 0.1)
-            main1, mt1 = proc_cpu(w.pid), thread_cpu(w.pid, w.pid)
-            proc.send_signal(signal.SIGINT)
-            try:
-                _, err = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            self.consume(q, [w], on=False)
-            if not os.path.exists(raw):
-                self.notes.append('--profile: py-spy failed: %s' % err.decode(errors='replace')[-300:])
-                return None
-            out[label] = summarize_profile(raw)
-            out[label]['main_cpu_ms'] = (main1 - main0) / n * 1000
-            out[label]['main_thread_ms'] = (mt1 - mt0) / n * 1000
-            out[label]['drain'] = max(r['e'] for r in runs) - min(r['s'] for r in runs)
-        return out
-
-    def run(self, profile=False):
+    def run(self, rows=ROW_GROUPS, profile=False):
         res = {}
-        res['uncontended'] = self.row_uncontended()
-        if profile:
-            res['profile'] = self.profile()
-        workers, res['contended'] = self.row_contended()
-        res['backlog'] = self.row_backlog(workers[0])
-        res['hot'] = self.row_hot(workers[0])
+        if '1' in rows:
+            res['uncontended'] = self.row_uncontended()
+            if profile:
+                res['profile'] = pyspy.profile(self)
+            self.stop_workers([self.u_worker])  # idle from here on: off the cores
+        if '2' in rows:
+            res['contended'] = self.row_contended()
+        if '2c' in rows:
+            res['backlog'] = self.row_backlog()
+        if '3' in rows:
+            res['hot'] = self.row_hot()
+        if getattr(self, 'c_workers', None):
+            self.stop_workers(self.c_workers)
+        if '5' in rows:
+            res['behind'] = hotkey.row_behind(self)
+        if '6' in rows:
+            res['spread'] = hotkey.row_spread(self)
         return res
-
-
-def summarize_profile(path):
-    """From py-spy raw output: GIL samples per thread; the main thread's samples
-    split by the first celery_mutex_bootstep function on the stack (the gate's
-    entry point; none = Celery/kombu's own work) and how many of those are
-    inside kazoo."""
-    import collections
-    import re
-    frame_re = re.compile(r'^(.*?) \((.*?):\d+\)$')
-    threads = collections.Counter()
-    entry = collections.Counter()
-    in_kazoo = 0
-    total = 0
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for line in f:
-            stack, _, count = line.rstrip('\n').rpartition(' ')
-            if not stack or not count.isdigit():
-                continue
-            n = int(count)
-            frames = stack.split(';')
-            name = frames[0].split(': ', 1)[-1]
-            name = 'main' if name == 'MainThread' else (
-                'kazoo connection' if 'zk_loop' in name else
-                'kazoo callbacks' if '_thread_worker' in name else name)
-            threads[name] += n
-            total += n
-            if name != 'main':
-                continue
-            first = None
-            kz = False
-            for fr in frames[1:]:
-                m = frame_re.match(fr)
-                if not m:
-                    continue
-                if first is None and 'celery_mutex_bootstep/' in m.group(2):
-                    first = m.group(1)
-                elif first is not None and 'kazoo/' in m.group(2):
-                    kz = True
-            entry[first or '(no gate frame)'] += n
-            in_kazoo += n if kz else 0
-    return {'total': total, 'threads': threads, 'entry': entry, 'in_kazoo': in_kazoo}
-
-
-def profile_lines(prof):
-    if not prof:
-        return []
-    lines = ['Profile of the row-1 worker main process (py-spy --gil --threads --nonblocking: '
-             'samples of threads holding the GIL, shares of all such samples; approximate, '
-             'the exact per-thread CPU from /proc is in the table):']
-    for label, pr in prof.items():
-        tot = float(max(pr['total'], 1))
-        lines.append('- %s noop: drain %.2f s, main process CPU %.3f ms/task (consumer thread '
-                     '%.3f); threads: %s' % (
-            label, pr['drain'], pr['main_cpu_ms'], pr['main_thread_ms'], ', '.join(
-                '%s %.0f%%' % (t, 100 * c / tot) for t, c in pr['threads'].most_common())))
-        gate = {k: v for k, v in pr['entry'].items() if k != '(no gate frame)'}
-        if gate:
-            lines.append('  main thread in Celery/kombu %.0f%%, in the gate %.0f%% (%s); of '
-                         'which inside kazoo calls %.0f%%' % (
-                             100 * pr['entry'].get('(no gate frame)', 0) / tot,
-                             100 * sum(gate.values()) / tot,
-                             ', '.join('%s %.1f%%' % (k, 100 * v / tot) for k, v in
-                                       sorted(gate.items(), key=lambda kv: -kv[1])[:6]),
-                             100 * pr['in_kazoo'] / tot))
-    return lines
 
 
 # --------------------------------------------------------------------------- report
@@ -804,21 +759,36 @@ def machine_info(versions):
     ]
 
 
-SECTION = object()
-
-
 def build_rows(res, p):
     """Rows of the table: (row id, metric, unguarded, in-pool, gate, ratio), and
-    section headers (row id, SECTION, title)."""
+    section headers (row id, SECTION, title), for the rows that ran."""
     rows = []
+    for name, fn in (('uncontended', rows_uncontended), ('contended', rows_contended),
+                     ('backlog', rows_backlog), ('hot', rows_hot), ('uncontended', rows_zk)):
+        if name in res:
+            fn(res, p, rows)
+    return rows + hotkey.report_rows(res, p)
+
+
+def drains(rs):
+    return [r['drain'] for r in rs]
+
+
+def per_task(rs, fn):
+    return median([fn(r) / r['n'] for r in rs]) * 1000
+
+
+def med(rs, fn, digits=0):
+    return fmt(median([fn(r) for r in rs]), digits)
+
+
+def beyond_one(rs):
+    """Deliveries beyond one per message: 'redelivered / unparked copies' medians."""
+    return '%s / %s' % (med(rs, lambda r: r['redelivered']), med(rs, lambda r: r['unparked']))
+
+
+def rows_uncontended(res, p, rows):
     un = res['uncontended']
-
-    def drains(rs):
-        return [r['drain'] for r in rs]
-
-    def per_task(rs, fn):
-        return median([fn(r) / r['n'] for r in rs]) * 1000
-
     # -- row 1
     for kind, n, title in (('noop', p['noop_n'], 'noop'),
                            ('sleep', p['sleep_n'], '%d ms' % round(p['sleep_d'] * 1000))):
@@ -875,14 +845,12 @@ def build_rows(res, p):
                      '%s / %s' % (busy(d['gate'], 'main_cpu'), busy(d['gate'], 'machine_cpu', ncpu)),
                      ''))
 
-    # -- row 2
+
+def rows_contended(res, p, rows):
     c = res['contended']
     k, t, dur = p['keys'], p['per_key'], p['dur']
     limit = t * dur
     base = c['inpool']
-
-    def med(rs, fn, digits=0):
-        return fmt(median([fn(r) for r in rs]), digits)
     for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
                          ('gate_fast', 'mutex_requeue_delay 0.1 s')):
         s = c[label]
@@ -897,9 +865,8 @@ def build_rows(res, p):
         rows.append((row, 'pool entries that did not execute (goal 0)', '',
                      med(base, lambda r: r['entries'] - r['executions']),
                      med(s, lambda r: r['entries'] - r['executions']), ''))
-        rows.append((row, 'broker redeliveries', '',
-                     med(base, lambda r: r['deliveries'] - r['published']),
-                     med(s, lambda r: r['deliveries'] - r['published']), ''))
+        rows.append((row, 'deliveries beyond one per message: redelivered / unparked copies',
+                     '', beyond_one(base), beyond_one(s), ''))
         bg = [g for r in base for g in r['gaps']]
         sg = [g for r in s for g in r['gaps']]
         rows.append((row, 'handover gap, same key, median / p99, ms', '',
@@ -910,44 +877,62 @@ def build_rows(res, p):
         rows.append((row, 'CPU of both worker trees, s', '', fmt(bc), fmt(sc),
                      'in-pool / gate %s' % fmt(bc / max(sc, 1.0 / CLK_TCK), 1)))
 
-    # -- row 2c
-    bl = res['backlog']
-    n_bl, d_bl = p['backlog'], p['backlog_dur']
-    limit_bl = n_bl * d_bl
-    rows.append(('2c', SECTION, 'Backlog on one key: %d tasks x %.0f ms queued for one key, '
-                 '1 worker -c 4 (physical limit n x D = %.1f s)' % (n_bl, d_bl * 1000, limit_bl)))
-    bd, sd = median(drains(bl['inpool'])), median(drains(bl['gate']))
-    rows.append(('2c', 'drain time, s (x physical limit)', '',
-                 '%s (%.2fx)' % (fmt(bd), bd / limit_bl), '%s (%.2fx)' % (fmt(sd), sd / limit_bl),
-                 'in-pool / gate %s' % fmt(bd / sd)))
-    bg = [g for r in bl['inpool'] for g in r['gaps']]
-    sg = [g for r in bl['gate'] for g in r['gaps']]
-    rows.append(('2c', 'handover (end of one to start of the next), median / p99, ms', '',
-                 '%s / %s' % (fmt(median(bg) * 1000, 1), fmt(pct(bg, 99) * 1000, 1)),
-                 '%s / %s' % (fmt(median(sg) * 1000, 1), fmt(pct(sg, 99) * 1000, 1)), ''))
-    rows.append(('2c', 'broker redeliveries', '',
-                 med(bl['inpool'], lambda r: r['deliveries'] - r['published']),
-                 med(bl['gate'], lambda r: r['deliveries'] - r['published']), ''))
 
-    # -- row 3
+def rows_backlog(res, p, rows):
+    n, d = p['backlog'], p['backlog_dur']
+    for nw, row in (('1', '2c'), ('2', '2d')):
+        bl = res['backlog'][nw]
+        rows.append((row, SECTION, 'Hot-key drain: %d tasks x %.0f ms queued for one key, %s '
+                     '-c 4 (physical limit n x D = %.1f s; with 5 ms per handover n x (D + 5 ms) '
+                     '= %.1f s)' % (n, d * 1000, '1 worker' if nw == '1' else '2 workers',
+                                    n * d, n * (d + 0.005))))
+        bd, sd = median(drains(bl['inpool'])), median(drains(bl['gate']))
+
+        def cell(x):
+            return '%s (%.2fx / %.2fx)' % (fmt(x), x / (n * d), x / (n * (d + 0.005)))
+        rows.append((row, 'drain time, s (x n x D / x n x (D + 5 ms))', '', cell(bd), cell(sd),
+                     'in-pool / gate %s' % fmt(bd / sd)))
+        bg = [g for r in bl['inpool'] for g in r['gaps']]
+        sg = [g for r in bl['gate'] for g in r['gaps']]
+        def gaps(g):
+            return '%s / %s / %s' % (fmt(median(g) * 1000, 1), fmt(pct(g, 99) * 1000, 1),
+                                     fmt(max(g) * 1000, 0))
+        rows.append((row, 'handover (end of one to start of the next), median / p99 / max, ms',
+                     '', gaps(bg), gaps(sg), ''))
+        rows.append((row, 'deliveries beyond one per message: redelivered / unparked copies',
+                     '', beyond_one(bl['inpool']), beyond_one(bl['gate']), ''))
+
+
+def rows_hot(res, p, rows):
     h = res['hot']
     for label, title in (('gate', 'mutex_requeue_delay 1 s (default)'),
                          ('gate_fast', 'mutex_requeue_delay 0.1 s')):
         s, b, idle = h[label], h['inpool'], h['idle']
         row = '3' if label == 'gate' else '3b'
-        rows.append((row, SECTION, 'Hot key: held %.0f s by a running task, %d more messages '
-                     'for it waiting, 1 worker -c 4; gate with %s (unguarded column: the '
-                     'holder alone, nothing waiting)' % (p['hold'], p['waiters'], title)))
+        w = p['waiters']
+        rows.append((row, SECTION, 'Waiting costs: key held %.0f s by a running task, %d more '
+                     'messages for it published meanwhile, 1 worker -c 4; gate with %s, parking '
+                     'on (unguarded column: the holder alone, nothing waiting)' % (
+                         p['hold'], w, title)))
         rows.append((row, 'worker tree CPU over the hold, s', fmt(idle['cpu']), fmt(b['cpu']),
                      fmt(s['cpu']),
                      'in-pool / gate %s' % fmt(b['cpu'] / max(s['cpu'], 1.0 / CLK_TCK), 0)))
+        rows.append((row, '  per waiting message, ms', '', fmt(b['cpu'] / w * 1000, 3),
+                     fmt(s['cpu'] / w * 1000, 3), ''))
         rows.append((row, 'pool entries / broker deliveries during the hold',
                      '%d / %d' % (idle['entries'], idle['deliveries']),
                      '%d / %d' % (b['entries'], b['deliveries']),
                      '%d / %d' % (s['entries'], s['deliveries']), ''))
+        rows.append((row, '  deliveries per waiting message', '', fmt(b['deliveries'] / w),
+                     fmt(s['deliveries'] / w), ''))
+        rows.append((row, 'waiting messages parked during the hold (gate counter)', '', '',
+                     str(s['gate'].get('parked', 0)), ''))
         rows.append((row, 'ZooKeeper server CPU over the hold, s', fmt(idle['zk_cpu']),
                      fmt(b['zk_cpu']), fmt(s['zk_cpu']), ''))
 
+
+def rows_zk(res, p, rows):
+    un = res['uncontended']
     # -- row 4
     n = p['noop_n']
     d = un['noop']
@@ -975,7 +960,6 @@ def build_rows(res, p):
         return tot / cnt if cnt else None
     rows.append(('4', 'server-side write latency, mean ms', fmt(write_latency(d['plain']), 2),
                  fmt(write_latency(d['inpool']), 2), fmt(write_latency(d['gate']), 2), ''))
-    return rows
 
 
 HEADERS = ('row', 'metric', 'unguarded', 'in-pool lock (baseline)', 'consumer gate (subject)',
@@ -1009,34 +993,51 @@ def md_table(rows):
     return '\n'.join(out)
 
 
-def method_lines(p, quick):
-    return [
-        'Method (%s run; details in bench/README.md):' % ('quick' if quick else 'full'),
+def method_lines(p, quick, rows=ROW_GROUPS):
+    out = [
+        'Method (%s run%s; details in bench/README.md):' % (
+            'quick' if quick else 'full',
+            '' if tuple(rows) == ROW_GROUPS else ', rows %s only' % ','.join(rows)),
         '- Real prefork `celery worker`s (prefetch multiplier 4, results ignored), the local '
-        'RabbitMQ as broker, a private standalone ZooKeeper on this machine; every execution '
-        'appends one record to Redis from the pool process. Columns: unguarded task, in-pool '
-        'lock (baseline: acks_late, kazoo client per pool process, ephemeral create in the '
-        'task, NodeExists -> Reject(requeue=True), delete in finally), consumer gate (subject).',
-        '- Rows 1/1b: all %d noop / %d x %d ms messages are published to a fresh queue, then '
-        'the same warm worker is told to consume it (add_consumer); drain time = last '
-        'execution end - first execution start, from the records. Median (min-max) of %d '
-        'rep(s), order of the variants rotated per rep. CPU from /proc per process; '
-        'machine busy is /proc/stat (all cores) and includes anything else running.' % (
-            p['noop_n'], p['sleep_n'], round(p['sleep_d'] * 1000), p['reps']),
-        '- Rows 2/2b: pool entries counted with task_prerun in the pool processes; '
-        'deliveries counted in the consumer on task_received (before the gate), '
-        'redeliveries = deliveries - published (checked against the redelivered flag); gap = '
-        'next start - previous end on the same key. Median of %d rep(s); gaps pooled.'
-        % p['contended_reps'],
-        '- Rows 3/3b: utime+stime of the worker\'s process group (main + pool + reaped '
-        'children) from the holder\'s start to its end record.',
-        '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
-        '(+1 per child create and per delete) over the measured row-1 noop phases, per task.',
+        'RabbitMQ as broker (rows 5c: Redis), a private standalone ZooKeeper on this machine; '
+        'every execution appends one record to Redis from the pool process. Columns: '
+        'unguarded task, in-pool lock (baseline: acks_late, kazoo client per pool process, '
+        'ephemeral create in the task, NodeExists -> Reject(requeue=True), delete in finally), '
+        'consumer gate (subject).',
     ]
+    if '1' in rows:
+        out.append(
+            '- Rows 1/1b: all %d noop / %d x %d ms messages are published to a fresh queue, '
+            'then the same warm worker is told to consume it (add_consumer); drain time = last '
+            'execution end - first execution start, from the records. Median (min-max) of %d '
+            'rep(s), order of the variants rotated per rep. CPU from /proc per process; '
+            'machine busy is /proc/stat (all cores) and includes anything else running.' % (
+                p['noop_n'], p['sleep_n'], round(p['sleep_d'] * 1000), p['reps']))
+    if '2' in rows or '2c' in rows:
+        out.append(
+            '- Rows 2/2b/2c/2d: pool entries counted with task_prerun in the pool processes; '
+            'deliveries counted in the consumer on task_received (before the gate); beyond one '
+            'per message they are redeliveries (the redelivered flag) or unparked copies '
+            '(header x-mutex-unparked; the run checks that the two add up); gap = next start - '
+            'previous end on the same key. Median of %d (2/2b) / %d (2c/2d) rep(s); gaps '
+            'pooled.' % (p['contended_reps'], p['backlog_reps']))
+    if '3' in rows:
+        out.append(
+            '- Rows 3/3b: utime+stime of the worker\'s process group (main + pool + reaped '
+            'children) and deliveries from just before the waiters are published until the '
+            'holder\'s end record; then the queue stops being consumed and is purged with the '
+            'key\'s park queue (the waiters are not drained).')
+    if '1' in rows:
+        out.append(
+            '- Row 4: deltas of ZooKeeper `mntr` counters and of the namespace node\'s cversion '
+            '(+1 per child create and per delete) over the measured row-1 noop phases, per '
+            'task.')
+    return out + hotkey.method_lines(p, rows)
 
 
-def report(res, bench, elapsed, load0, load1):
+def report(res, bench, elapsed, load0, load1, rows=ROW_GROUPS):
     p = bench.p
+    method = method_lines(p, bench.quick, rows)
     rows = build_rows(res, p)
     head = machine_info(bench.versions) + [
         'Load average before/after: %s / %s (other processes share these cores)' % (
@@ -1044,13 +1045,13 @@ def report(res, bench, elapsed, load0, load1):
         'Run time: %.0f s' % elapsed,
     ]
     notes = ['Note: %s' % n for n in bench.notes]
-    prof = profile_lines(res.get('profile'))
-    text = '\n'.join(head + [''] + method_lines(p, bench.quick) + ['', text_table(rows)] +
+    prof = pyspy.profile_lines(res.get('profile'))
+    text = '\n'.join(head + [''] + method + ['', text_table(rows)] +
                      ([''] + notes if notes else []) + ([''] + prof if prof else []))
     md = '\n'.join(
         ['# celery-mutex-bootstep benchmark results%s' % (' (quick)' if bench.quick else ''),
          '', 'Produced by `python -m bench.run%s`.' % (' --quick' if bench.quick else ''), ''] +
-        ['- ' + h for h in head] + [''] + method_lines(p, bench.quick) + ['', md_table(rows)] +
+        ['- ' + h for h in head] + [''] + method + ['', md_table(rows)] +
         ([''] + ['- ' + n for n in notes] if notes else []) +
         ([''] + prof if prof else []) + [''])
     return text, md
@@ -1064,28 +1065,45 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='python -m bench.run', description=__doc__.split('\n')[0])
-    ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~2 min)')
+    ap.add_argument('--quick', action='store_true', help='small smoke-test version (< ~1.5 min)')
+    ap.add_argument('--rows', default=None,
+                    help='run only these rows, comma-separated (groups: %s; 1 brings 1b and '
+                         '4, 2c brings 2d, 5 brings 5b and 5c); the Markdown then goes to '
+                         'bench/results-partial.md unless --out' % ', '.join(ROW_GROUPS))
     ap.add_argument('--profile', action='store_true',
                     help='also profile the worker main process with py-spy (row 1 noop)')
     ap.add_argument('--out', default=None,
                     help='Markdown output (default bench/results.md, or '
                          'bench/results-quick.md with --quick)')
     args = ap.parse_args(argv)
+    rows = ROW_GROUPS
+    if args.rows:
+        asked = {ROW_ALIASES.get(r.strip(), r.strip()) for r in args.rows.split(',') if r.strip()}
+        unknown = asked - set(ROW_GROUPS)
+        if unknown:
+            ap.error('--rows: unknown row(s) %s (rows: %s)' % (
+                ', '.join(sorted(unknown)), ', '.join(ROW_GROUPS + tuple(ROW_ALIASES))))
+        rows = tuple(r for r in ROW_GROUPS if r in asked)
+    if args.profile and '1' not in rows:
+        ap.error('--profile needs row 1')
     signal.signal(signal.SIGTERM, _on_sigterm)
     params = dict(QUICK if args.quick else FULL)
-    out = args.out or os.path.join(HERE, 'results-quick.md' if args.quick else 'results.md')
+    # a partial run never overwrites a full run's results
+    default = ('results-quick.md' if args.quick else
+               'results.md' if rows == ROW_GROUPS else 'results-partial.md')
+    out = args.out or os.path.join(HERE, default)
     bench = Bench(params, args.quick)
     t0 = time.monotonic()
     load0 = os.getloadavg()
     ok = False
     try:
         bench.setup()
-        res = bench.run(profile=args.profile)
+        res = bench.run(rows, profile=args.profile)
         ok = True
     finally:
         bench.cleanup(keep_logs=not ok)
     elapsed = time.monotonic() - t0
-    text, md = report(res, bench, elapsed, load0, os.getloadavg())
+    text, md = report(res, bench, elapsed, load0, os.getloadavg(), rows)
     print(text)
     with open(out, 'w', encoding='utf-8') as f:
         f.write(md)
