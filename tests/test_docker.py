@@ -48,6 +48,13 @@ def worker_services(services):
     return {n: s for n, s in services.items() if 'worker' in command_of(s)}
 
 
+def app_image(services):
+    built = [s for s in services.values() if s.get('build')]
+    assert len(built) == 1, 'the app image must be built by exactly one service'
+    assert built[0].get('image'), 'the service that builds the app image must name it'
+    return built[0]['image']
+
+
 def build_context(service):
     build = service['build']
     context = build if isinstance(build, str) else build.get('context', '.')
@@ -61,15 +68,31 @@ def test_every_service_has_an_image_or_a_build(services):
         assert service.get('image') or service.get('build'), name
 
 
+def service_named(services, image_prefix):
+    found = [n for n, s in services.items() if str(s.get('image', '')).startswith(image_prefix)]
+    assert len(found) == 1, (image_prefix, found)
+    return found[0]
+
+
+def flower_service(services):
+    found = [n for n, s in services.items() if 'flower' in command_of(s)]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_expected_services_and_images(services):
     zk = zookeeper_services(services)
     assert len(zk) == 3
     assert {s['image'] for s in zk.values()} == {'zookeeper:3.8'}
     images = {s.get('image') for s in services.values()}
-    assert 'rabbitmq:3.13-management' in images
+    assert 'rabbitmq:4-management' in images
     assert any(str(i).startswith('redis') for i in images)
-    assert any(str(i).startswith('mher/flower') for i in images)
     assert len(worker_services(services)) == 2
+    # Flower runs from the app's image (its own image brings an older Celery, whose event
+    # queues RabbitMQ 4.3 refuses), with the app: `celery -A ... flower`.
+    flower = services[flower_service(services)]
+    assert flower['image'] == app_image(services)
+    assert command_of(flower)[:3] == ['celery', '-A', 'integration.demoapp']
 
 
 def parse_zoo_servers(value):
@@ -149,8 +172,8 @@ def test_published_ports_do_not_collide(services):
                 assert not (same_ip and port == other_port and proto == other_proto), \
                     'port %d published by %s and %s' % (port, name, other)
             seen[(host_ip, port, proto)] = name
-    flower = [n for n, s in services.items() if str(s.get('image', '')).startswith('mher/flower')]
-    assert any(p == 5555 for _, p, _ in published_host_ports(services[flower[0]]))
+    flower = flower_service(services)
+    assert any(p == 5555 for _, p, _ in published_host_ports(services[flower]))
 
 
 def test_workers_name_all_zookeeper_nodes(services):
