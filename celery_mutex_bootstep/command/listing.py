@@ -1,15 +1,16 @@
 """``celery mutex list``: every lease, judged, and per key what waits."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import List
 
 import click
-from celery.platforms import EX_FAILURE
+from celery.bin.base import CeleryCommand
 
 from ..text import duration, table
 from ..waiting_report import read_parked, waiting
+from .exits import list_status
 from .leases import HELD, STALE, UNCLAIMED, LeaseNode
-from .options import MutexCommand, common_options, options_from, target_for
+from .options import Options, mutex_options, target_for
 from .output import emit_json, holder, key_values, short_key, workers_line
 from .workers import Snapshot, ask_workers, snapshot
 from .zk import zookeeper
@@ -46,7 +47,7 @@ def list_json(snap: Snapshot) -> dict:
     return {
         'hosts': snap.target.settings.hosts, 'namespace': snap.target.namespace,
         'taken_at': snap.taken_at,
-        'workers': {'answered': sorted(snap.workers.replies),
+        'workers': {'asked': snap.workers.asked, 'answered': sorted(snap.workers.replies),
                     'without_step': sorted(snap.workers.without_step),
                     'error': snap.workers.error, 'timeout': snap.workers.timeout},
         'leases': [lease.as_json(snap.taken_at) for lease in snap.leases],
@@ -54,25 +55,25 @@ def list_json(snap: Snapshot) -> dict:
     }
 
 
-@click.command('list', cls=MutexCommand)
-@common_options
+@click.command('list', cls=CeleryCommand)
+@mutex_options
 @click.pass_context
-def list_(ctx: click.Context, **kwargs: Any) -> None:
+def list_(ctx: click.Context, opts: Options) -> None:
     """Show every lease: task, key values, holder, task id, age, token; flag STALE ones;
     then, per key, the messages that wait (in the workers and parked) and the oldest wait.
 
     A lease is STALE when it is older than its mutex_timeout or when no live
     worker claims it; "unclaimed?" when nobody who could claim it answered.
-    Exit status 0, or 1 when a lease is STALE.
+    Exit status 1 when a lease is STALE, 69 when ZooKeeper or the broker
+    cannot be used (see celery mutex --help).
     """
-    opts = options_from(ctx, kwargs)
     app = ctx.obj.app
     target = target_for(app, opts)
     with zookeeper(target, opts.zk_timeout) as client:
         snap = snapshot(app, client, target, opts)
         parked = read_parked(client, target.namespace, opts.zk_timeout)
     if parked and not snap.leases:  # lines nobody holds now: ask the workers anyway
-        snap.workers = ask_workers(app, opts.timeout)
+        snap.workers = ask_workers(app, opts.timeout, opts.destination)
     waits = waiting(app, snap.leases, snap.workers.replies, parked, max(opts.timeout, 2.0))
     if opts.as_json:
         emit_json({**list_json(snap), 'waiting': waits.as_json()})
@@ -80,5 +81,4 @@ def list_(ctx: click.Context, **kwargs: Any) -> None:
         ctx.obj.echo(render_list(snap) + '\n\n' + waits.render())
     else:
         ctx.obj.echo(render_list(snap))
-    if snap.stale:
-        ctx.exit(EX_FAILURE)
+    ctx.exit(list_status(len(snap.stale), snap.workers.error or waits.parked_error))

@@ -1,78 +1,83 @@
-"""The command line shared by the sub-commands: ZooKeeper and output options,
-and the ZooKeeper settings they resolve to."""
+"""The options every sub-command takes, declared once (:func:`mutex_options`):
+ZooKeeper's, and ``celery inspect``'s ``-t/--timeout``, ``-d/--destination``
+and ``-j/--json``; and the ZooKeeper settings they resolve to."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, List, Optional
 
 import click
-from celery.bin.base import CeleryCommand, CeleryOption
+from celery.bin.base import COMMA_SEPARATED_LIST, CeleryOption
 
 from ..options import MutexSettings, _validate_path, validate_hosts
 from ..security import validate_auth
 
-DEFAULT_REPLY_TIMEOUT = 1.0
+__all__ = ('Options', 'Target', 'mutex_options', 'target_for', 'SHARED_FLAGS',
+           'DEFAULT_REPLY_TIMEOUT', 'DEFAULT_ZK_TIMEOUT')
+
+DEFAULT_REPLY_TIMEOUT = 1.0  # celery inspect's
 DEFAULT_ZK_TIMEOUT = 5.0
-_GROUP_HELP = 'ZooKeeper Options'
-_OUTPUT_HELP = 'Output Options'
+_ZK = 'ZooKeeper Options'
+_REMOTE = 'Remote Control Options'  # the group celery inspect lists -t and -d under
+_OUTPUT = 'Output Options'
 
 
 @dataclass(frozen=True)
 class Options:
-    """The command line, sub-command values first, then the ``mutex`` group's."""
+    """The shared options of one run."""
 
     hosts: Optional[str]
     auth: Optional[str]
     namespace: Optional[str]
     zk_timeout: float
     timeout: float
+    destination: Optional[List[str]]
     as_json: bool
 
 
-OPTION_NAMES = ('mutex_hosts', 'mutex_auth', 'namespace', 'zk_timeout', 'timeout', 'as_json')
+# (declarations, Options field, click attributes), in the order help lists them.
+_SHARED = (
+    (('--mutex-hosts',), 'hosts', dict(
+        help_group=_ZK, help='ZooKeeper hosts "host:port[,host:port...][/chroot]" (default: '
+        'app config mutex_hosts, then ZOOKEEPER_HOSTS, then localhost:2181).')),
+    (('--mutex-auth',), 'auth', dict(
+        help_group=_ZK, help='ZooKeeper digest credentials "user:password" (default: app '
+        'config mutex_auth). Never shown.')),
+    (('--namespace',), 'namespace', dict(
+        help_group=_ZK, help='znode under which leases live (default: app config '
+        'mutex_namespace, then /celery-mutex).')),
+    (('--zk-timeout',), 'zk_timeout', dict(
+        type=float, default=DEFAULT_ZK_TIMEOUT, show_default=True, help_group=_ZK,
+        help='Seconds to wait for ZooKeeper.')),
+    (('-t', '--timeout'), 'timeout', dict(
+        type=float, default=DEFAULT_REPLY_TIMEOUT, show_default=True, help_group=_REMOTE,
+        help="Seconds to wait for the workers' replies.")),
+    (('-d', '--destination'), 'destination', dict(
+        type=COMMA_SEPARATED_LIST, help_group=_REMOTE,
+        help='Comma separated list of the worker node names to ask (default: all). '
+             'Leases of the others are then "unclaimed?": not judged.')),
+    (('-j', '--json'), 'as_json', dict(
+        is_flag=True, default=False, help_group=_OUTPUT,
+        help='Print one line of JSON instead of tables.')),
+)
+
+# Every spelling of a shared option, to tell someone who put one before the sub-command.
+SHARED_FLAGS = frozenset(flag for decls, _, _ in _SHARED for flag in decls)
 
 
-def common_options(f: Callable) -> Callable:
-    """ZooKeeper and output options, accepted by ``mutex`` and each sub-command."""
-    options = [
-        click.option('--mutex-hosts', cls=CeleryOption, default=None, help_group=_GROUP_HELP,
-                     help='ZooKeeper hosts "host:port[,host:port...][/chroot]" (default: '
-                          'app config mutex_hosts, then ZOOKEEPER_HOSTS, then localhost:2181).'),
-        click.option('--mutex-auth', cls=CeleryOption, default=None, help_group=_GROUP_HELP,
-                     help='ZooKeeper digest credentials "user:password" (default: app config '
-                          'mutex_auth). Never shown.'),
-        click.option('--namespace', cls=CeleryOption, default=None, help_group=_GROUP_HELP,
-                     help='znode under which leases live (default: app config '
-                          'mutex_namespace, then /celery-mutex).'),
-        click.option('--zk-timeout', cls=CeleryOption, type=float, default=None,
-                     help_group=_GROUP_HELP,
-                     help=f'Seconds to wait for ZooKeeper (default {DEFAULT_ZK_TIMEOUT:g}).'),
-        click.option('-t', '--timeout', cls=CeleryOption, type=float, default=None,
-                     help_group=_OUTPUT_HELP,
-                     help=f'Seconds to wait for the workers\' replies '
-                          f'(default {DEFAULT_REPLY_TIMEOUT:g}).'),
-        click.option('--json', 'as_json', cls=CeleryOption, is_flag=True, default=None,
-                     help_group=_OUTPUT_HELP, help='Print JSON instead of tables.'),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def mutex_options(f: Callable) -> Callable:
+    """Add the shared options to a sub-command; it receives them as ``opts: Options``."""
+    fields = [name for _, name, _ in _SHARED]
 
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        opts = Options(**{name: kwargs.pop(name) for name in fields})
+        return f(*args, opts=opts, **kwargs)
 
-def options_from(ctx: click.Context, values: Dict[str, Any]) -> Options:
-    group = ctx.meta.get('celery_mutex.options', {})
-
-    def pick(name: str, default: Any = None) -> Any:
-        value = values.get(name)
-        if value is None:
-            value = group.get(name)
-        return default if value is None else value
-
-    return Options(hosts=pick('mutex_hosts'), auth=pick('mutex_auth'),
-                   namespace=pick('namespace'),
-                   zk_timeout=pick('zk_timeout', DEFAULT_ZK_TIMEOUT),
-                   timeout=pick('timeout', DEFAULT_REPLY_TIMEOUT),
-                   as_json=bool(pick('as_json', False)))
+    for decls, name, attrs in reversed(_SHARED):
+        command = click.option(*decls, name, cls=CeleryOption, **attrs)(command)
+    return command
 
 
 @dataclass(frozen=True)
@@ -104,31 +109,3 @@ def target_for(app: Any, opts: Options) -> Target:
     if opts.namespace is not None:
         namespace = _validate_path(opts.namespace, '--namespace').rstrip('/')
     return Target(settings, namespace, _hosts_source(app.conf, opts.hosts))
-
-
-def _format_options(command: click.Command, ctx: click.Context,
-                    formatter: click.HelpFormatter) -> None:
-    """Options by help group, as Celery's commands list them (arguments left out)."""
-    groups: Dict[str, list] = {}
-    for param in command.get_params(ctx):
-        record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
-        if record is not None:
-            groups.setdefault(getattr(param, 'help_group', None) or 'Options', []).append(record)
-    for name, records in groups.items():
-        with formatter.section(name):
-            formatter.write_dl(records)
-
-
-class MutexCommand(CeleryCommand):
-    """A sub-command; help lists options by group."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        _format_options(self, ctx, formatter)
-
-
-class MutexGroup(click.Group):
-    """The ``mutex`` group; help lists options by group, then the sub-commands."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        _format_options(self, ctx, formatter)
-        self.format_commands(ctx, formatter)

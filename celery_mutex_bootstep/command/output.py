@@ -43,10 +43,13 @@ def workers_line(workers: Workers, names: bool = True) -> str:
         return (f'Workers: none answered within {workers.timeout:g}s{extra}: leases that no '
                 f'worker claims are marked "{UNCLAIMED}", not STALE (are the workers '
                 f'running? try a longer --timeout).')
+    silent = sorted(set(workers.asked or ()) - set(workers.replies) - set(workers.without_step))
+    missing = f' (not answering: {", ".join(silent)})' if silent else ''
     if not names:
-        return f'Workers: {len(workers.replies)} answered within {workers.timeout:g}s:'
-    return f'Workers answering: {", ".join(sorted(workers.replies))}.'
+        return f'Workers: {len(workers.replies)} answered within {workers.timeout:g}s{missing}:'
+    return f'Workers answering: {", ".join(sorted(workers.replies))}{missing}.'
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    """One line, as ``celery inspect --json`` prints it."""
+    click.echo(json.dumps(data, sort_keys=True, default=str))

@@ -8,17 +8,17 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import click
-from celery.bin.base import CeleryOption
+from celery.bin.base import CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
-from celery.platforms import EX_FAILURE, EX_USAGE
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NoNodeError
 
 from ..text import duration
+from .exits import PROBLEM, UNAVAILABLE, problem, release_status
 from .leases import STALE, LeaseNode, still_there
-from .options import MutexCommand, Options, Target, common_options, options_from, target_for
+from .options import Options, Target, mutex_options, target_for
 from .output import emit_json, holder, key_values
-from .workers import Snapshot, snapshot
+from .workers import Snapshot, Workers, snapshot
 from .zk import no_auth, zookeeper
 
 KEY_ARGUMENT = re.compile(r'^[0-9a-f]+(?:-\d+)?$')
@@ -69,8 +69,10 @@ def _describe(lease: LeaseNode, now: float) -> str:
             f'{duration(lease.age(now))}  token {lease.token}')
 
 
-def _refuse(message: str, code: int = EX_USAGE) -> CeleryCommandException:
-    return CeleryCommandException(message, exit_code=code)
+def _refuse(message: str, workers: Workers) -> CeleryCommandException:
+    # Refused because the broker could not be asked: that is the problem to fix.
+    return CeleryCommandException(message,
+                                  exit_code=UNAVAILABLE if workers.error else PROBLEM)
 
 
 def force_refusal(lease: LeaseNode) -> Optional[str]:
@@ -88,15 +90,15 @@ def force_refusal(lease: LeaseNode) -> Optional[str]:
     return None
 
 
-def check_force(targets: Sequence[LeaseNode]) -> None:
+def check_force(targets: Sequence[LeaseNode], workers: Workers) -> None:
     """``--force`` deletes only leases no live worker claims."""
     for lease in targets:
         refusal = force_refusal(lease)
         if refusal:
-            raise _refuse(refusal)
+            raise _refuse(refusal, workers)
 
 
-def check_release(targets: Sequence[LeaseNode]) -> None:
+def check_release(targets: Sequence[LeaseNode], workers: Workers) -> None:
     """Without ``--force`` only a worker can free a lease: some target must be claimed."""
     if any(lease.claimed_by for lease in targets):
         return
@@ -104,15 +106,15 @@ def check_release(targets: Sequence[LeaseNode]) -> None:
     hint = ('delete it with --force' if lease.status == STALE else
             'no worker can release it now')
     raise _refuse(f'no live worker claims {lease.path} ({lease.status}: {lease.reason}): '
-                  f'{hint}.', EX_FAILURE)
+                  f'{hint}.', workers)
 
 
 def confirm(yes: bool, question: str) -> None:
     if yes:
         return
     if not sys.stdin or not sys.stdin.isatty():
-        raise _refuse('refusing to release without confirmation: stdin is not a terminal '
-                      '(pass --yes to release non-interactively).')
+        raise click.UsageError('refusing to release without confirmation: stdin is not a '
+                               'terminal (pass --yes to release non-interactively).')
     click.confirm(question, default=False, abort=True, err=True)
 
 
@@ -220,7 +222,7 @@ def render_release(results: Sequence[dict], skipped: Sequence[LeaseNode]) -> str
     return '\n'.join(lines)
 
 
-@click.command('release', cls=MutexCommand)
+@click.command('release', cls=CeleryCommand)
 @click.argument('key_or_path', required=False)
 @click.option('--task', cls=CeleryOption, default=None, help_group='Release Options',
               help='Release every lease of this task (its registered name).')
@@ -233,36 +235,36 @@ def render_release(results: Sequence[dict], skipped: Sequence[LeaseNode]) -> str
 @click.option('-y', '--yes', cls=CeleryOption, is_flag=True, default=False,
               help_group='Release Options', help='Do not ask for confirmation.')
 @click.option('--wait', cls=CeleryOption, type=float, default=DEFAULT_WAIT,
-              help_group='Release Options',
-              help=f'Seconds to wait for the node to go (default {DEFAULT_WAIT:g}).')
-@common_options
+              show_default=True, help_group='Release Options',
+              help='Seconds to wait for the node to go.')
+@mutex_options
 @click.pass_context
 def release(ctx: click.Context, key_or_path: Optional[str], task: Optional[str],
             task_id: Optional[str], force: bool, yes: bool, wait: float,
-            **kwargs: Any) -> None:
+            opts: Options) -> None:
     """Free leases: by KEY_OR_PATH (node path, key, or unique key prefix), --task or --task-id.
 
     The worker holding a lease kills its task first (it ends REVOKED) and then
     releases it, so a lease is never freed under a running task; this command
     waits until the node is gone. --force deletes a lease no live worker
-    claims. Asks for confirmation unless --yes.
+    claims. Asks for confirmation unless --yes. Exit status 1 when a lease
+    matched was not released (see celery mutex --help).
     """
     given = [v for v in (key_or_path, task, task_id) if v is not None]
     if len(given) != 1:
         raise click.UsageError('give exactly one of KEY_OR_PATH, --task NAME or --task-id ID')
-    opts = options_from(ctx, kwargs)
     app = ctx.obj.app
     target = target_for(app, opts)
     with zookeeper(target, opts.zk_timeout) as client:
         snap = snapshot(app, client, target, opts)
         targets = select(snap, key_or_path, task, task_id)
         if not targets:
-            raise _refuse(f'no lease matches {given[0]!r} in {target.namespace} '
-                          f'(already released?)', EX_FAILURE)
+            raise problem(f'no lease matches {given[0]!r} in {target.namespace} '
+                          f'(already released?)')
         if force:
-            check_force(targets)
+            check_force(targets, snap.workers)
         else:
-            check_release(targets)
+            check_release(targets, snap.workers)
         todo = targets if force else [lease for lease in targets if lease.claimed_by]
         skipped = [] if force else [lease for lease in targets if not lease.claimed_by]
         verb = 'Delete (--force)' if force else 'Release (killing its task first)'
@@ -279,5 +281,5 @@ def release(ctx: click.Context, key_or_path: Optional[str], task: Optional[str],
                    'skipped': [lease.as_json(snap.taken_at) for lease in skipped]})
     else:
         ctx.obj.echo(render_release(results, skipped))
-    if skipped or not all(r['released'] for r in results):
-        ctx.exit(EX_FAILURE)
+    ctx.exit(release_status([r['released'] for r in results], len(skipped),
+                            snap.workers.error))

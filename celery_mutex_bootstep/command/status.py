@@ -6,15 +6,16 @@ import ssl
 from typing import Any, Dict, List, Optional, Sequence
 
 import click
+from celery.bin.base import CeleryCommand
 from celery.exceptions import CeleryCommandException
-from celery.platforms import EX_FAILURE, EX_UNAVAILABLE
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.hosts import collect_hosts
 
 from ..text import table
+from .exits import status_status
 from .leases import LeaseNode, read_leases
-from .options import MutexCommand, Options, Target, common_options, options_from, target_for
+from .options import Options, Target, mutex_options, target_for
 from .output import emit_json, session_hex, workers_line
 from .workers import Workers, ask_workers
 from .zk import zookeeper
@@ -179,16 +180,15 @@ def render_status(data: dict) -> str:
     return '\n'.join(lines)
 
 
-@click.command('status', cls=MutexCommand)
-@common_options
+@click.command('status', cls=CeleryCommand)
+@mutex_options
 @click.pass_context
-def status(ctx: click.Context, **kwargs: Any) -> None:
+def status(ctx: click.Context, opts: Options) -> None:
     """The ZooKeeper servers (mode, zxid), the namespace, and each worker's session.
 
-    Exit status 0 when every server serves, 1 when some does not, 69 when
-    ZooKeeper cannot be used at all.
+    Exit status 1 when some server does not serve, 69 when ZooKeeper cannot
+    be used at all or the broker cannot be (see celery mutex --help).
     """
-    opts = options_from(ctx, kwargs)
     app = ctx.obj.app
     target = target_for(app, opts)
     data = status_data(app, target, opts)
@@ -196,12 +196,10 @@ def status(ctx: click.Context, **kwargs: Any) -> None:
         emit_json({k: v for k, v in data.items() if not k.startswith('_')})
     else:
         ctx.obj.echo(render_status(data))
-    serving = [s for s in data['zookeeper']['servers'] if s['reachable']
-               and s.get('mode') != 'not serving']
-    if data.get('namespace') is None:
-        ctx.exit(EX_UNAVAILABLE)
-    if len(serving) < len(data['zookeeper']['servers']):
-        ctx.exit(EX_FAILURE)
+    servers = data['zookeeper']['servers']
+    serving = [s for s in servers if s['reachable'] and s.get('mode') != 'not serving']
+    ctx.exit(status_status(data['namespace'] is not None, len(servers), len(serving),
+                           data['workers_error']))
 
 
 def status_data(app: Any, target: Target, opts: Options) -> dict:
@@ -219,7 +217,7 @@ def status_data(app: Any, target: Target, opts: Options) -> dict:
             sessions = data['namespace'].pop('sessions')
     except CeleryCommandException as exc:
         data['namespace_error'] = exc.message
-    workers = ask_workers(app, opts.timeout)
+    workers = ask_workers(app, opts.timeout, opts.destination)
     data['_workers'] = workers
     data['workers'] = worker_rows(workers, sessions)
     data['workers_without_step'] = dict(workers.without_step)

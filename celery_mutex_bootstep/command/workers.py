@@ -20,10 +20,14 @@ class Workers:
     without_step: Dict[str, str] = field(default_factory=dict)
     error: Optional[str] = None
     timeout: float = DEFAULT_REPLY_TIMEOUT
+    asked: Optional[List[str]] = None  # --destination; None: every worker
 
     @property
     def answered(self) -> bool:
         return bool(self.replies)
+
+    def was_asked(self, name: str) -> bool:
+        return self.asked is None or name in self.asked
 
     def owner_of_session(self, session_id: int) -> Optional[str]:
         for name, info in self.replies.items():
@@ -36,7 +40,7 @@ def ask_workers(app: Any, timeout: float, destination: Optional[List[str]] = Non
                 workers: Optional[Workers] = None) -> Workers:
     """The workers' ``mutex_leases`` replies (all, or ``destination``'s, added to
     ``workers``); a broker failure is reported, not raised."""
-    workers = workers or Workers(timeout=timeout)
+    workers = workers or Workers(timeout=timeout, asked=destination)
     try:
         # With a destination the broadcast returns as soon as all of it answered.
         replies = app.control.broadcast('mutex_leases', reply=True, timeout=timeout,
@@ -86,17 +90,19 @@ def _unclaimed(lease: LeaseNode, workers: Workers) -> Tuple[str, str]:
     if not lease.session_id:
         return STALE, ('a persistent node, not an ephemeral lease: no session owns it, so '
                        'it never goes away by itself and blocks its key')
-    if not workers.answered:
-        return UNCLAIMED, ('no worker answered, so nobody could claim it'
-                           + (f' ({workers.error})' if workers.error else ''))
     session_owner = workers.owner_of_session(lease.session_id)
     if session_owner:
         return STALE, (f'owned by the ZooKeeper session of {session_owner}, which does not '
                        f'list it (being released, or a create whose reply was lost)')
+    alive = (f'and its ZooKeeper session is alive (host {lease.data.get("host")}, '
+             f'pid {lease.data.get("pid")})')
+    if holder and not workers.was_asked(holder) and not workers.error:
+        return UNCLAIMED, f'its worker {holder} was not asked (-d), {alive}'
+    if not workers.answered:
+        return UNCLAIMED, ('no worker answered, so nobody could claim it'
+                           + (f' ({workers.error})' if workers.error else ''))
     if holder and holder not in workers.replies and holder not in workers.without_step:
-        return UNCLAIMED, (f'its worker {holder} did not answer, and its ZooKeeper session '
-                           f'is alive (host {lease.data.get("host")}, '
-                           f'pid {lease.data.get("pid")})')
+        return UNCLAIMED, f'its worker {holder} did not answer, {alive}'
     return STALE, ('no live worker claims it'
                    + (f' ({holder} answered without it)' if holder
                       else ' (its data names no worker)'))
@@ -120,12 +126,13 @@ def snapshot(app: Any, client: KazooClient, target: Target, opts: Options) -> Sn
     """Read the leases, ask the workers, judge; unclaimed leases are re-read so
     that one released (or granted) while the workers answered is not misjudged."""
     leases = read_leases(client, target, opts.zk_timeout)
-    workers = ask_workers(app, opts.timeout) if leases else Workers(timeout=opts.timeout)
+    workers = (ask_workers(app, opts.timeout, opts.destination) if leases
+               else Workers(timeout=opts.timeout, asked=opts.destination))
     now = time.time()
     for lease in leases:
         judge(lease, workers, now)
     silent = sorted({lease.worker for lease in leases if lease.status == UNCLAIMED
-                     and workers.answered and lease.worker})
+                     and workers.answered and lease.worker and workers.was_asked(lease.worker)})
     if silent:  # a second, targeted chance for the holders that did not answer in time
         ask_workers(app, opts.timeout, destination=silent, workers=workers)
         for lease in leases:

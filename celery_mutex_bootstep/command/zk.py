@@ -5,14 +5,13 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from celery.exceptions import CeleryCommandException
-from celery.platforms import EX_UNAVAILABLE
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
 from ..security import client_options
+from .exits import unavailable
 from .options import Target
 
 # kazoo logs every failed connection attempt; the command reports failures itself.
@@ -20,11 +19,7 @@ _kazoo_logger = logging.getLogger('celery_mutex_bootstep.command.kazoo')
 _kazoo_logger.setLevel(logging.CRITICAL)
 
 
-def unavailable(message: str) -> CeleryCommandException:
-    return CeleryCommandException(message, exit_code=EX_UNAVAILABLE)
-
-
-def no_auth(target: Target, what: str) -> CeleryCommandException:
+def no_auth(target: Target, what: str) -> Exception:
     given = ('the credentials given are not allowed there' if target.settings.auth
              else 'credentials are needed: pass --mutex-auth user:password or set '
                   'mutex_auth in the app config')
