@@ -150,11 +150,11 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     answer = answered_on_a_terminal(s, b'n\n', 'release', path)
     assert answer.returncode == PROBLEM and 'Proceed?' in answer.stderr
     assert 'Aborted' in answer.stderr
-    # --force on a lease a live worker holds: refused, release it normally.
-    forced = mutex_cli(s, 'release', '--force', '--yes', path)
+    # --delete-stale on a lease a live worker holds: refused, release it normally.
+    forced = mutex_cli(s, 'release', '--delete-stale', '--yes', path)
     assert forced.returncode == PROBLEM
     assert 'held by the live worker' in forced.stderr
-    assert 'without --force' in forced.stderr
+    assert 'without --delete-stale' in forced.stderr
     assert s.zk.exists(path) and running(run.pid)
 
     released = mutex_cli(s, 'release', path.rsplit('/', 1)[1][:12], '--yes', '-t', '5')
@@ -171,12 +171,13 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     assert runs[0].end is None
 
 
-def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
+def test_stale_lease_is_flagged_and_only_it_is_deleted(scenario):
     s = scenario
     w = s.worker('w1', concurrency=1)
     worker = s.nodename(w)
-    # A lease left by an earlier session of this worker: it answers without it.
+    # Leases left by an earlier session of this worker: it answers without them.
     stale, _ = fake_lease(s, 'stale', worker=worker, pid=w.pid)
+    older, _ = fake_lease(s, 'older', worker=worker, pid=w.pid)
     # A lease whose worker does not answer: its session is alive, nobody can tell.
     ghost, _ = fake_lease(s, 'ghost', worker='ghost@nowhere', pid=1)
 
@@ -186,7 +187,7 @@ def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
     assert ' unclaimed? ' in row_of(table.stdout, ghost)
     assert 'no live worker claims it' in table.stdout
     leases, data = listed(s)
-    assert data['stale'] == 1
+    assert data['stale'] == 2
     assert leases[stale]['status'] == 'STALE' and leases[stale]['claimed_by'] is None
     assert leases[ghost]['status'] == 'unclaimed?'
 
@@ -194,16 +195,23 @@ def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
     h = s.send('work', 'stale', 0, 7)
     time.sleep(1.0)
     assert s.records.count('start') == 0
-    refused = mutex_cli(s, 'release', '--force', '--yes', ghost)
+    refused = mutex_cli(s, 'release', '--delete-stale', '--yes', ghost)
     assert refused.returncode == PROBLEM and 'unclaimed?' in refused.stderr
     normal = mutex_cli(s, 'release', '--yes', stale)
-    assert normal.returncode == PROBLEM and 'delete it with --force' in normal.stderr
-    # ... until --force deletes it; the ghost stays.
-    deleted = mutex_cli(s, 'release', '--force', '--yes', '-j', stale)
+    assert normal.returncode == PROBLEM and 'delete it with --delete-stale' in normal.stderr
+    # ... until --delete-stale deletes it; the ghost stays.
+    deleted = mutex_cli(s, 'release', '--delete-stale', '--yes', '-j', stale)
     assert deleted.returncode == OK, deleted.stderr
     assert one_json_line(deleted)['results'][0]['deleted'] is True
     assert not s.zk.exists(stale) and s.zk.exists(ghost)
     assert h.get(timeout=20) == 7
+    # --force still means --delete-stale, with a warning (in `celery purge` it means
+    # "do not ask").
+    old = mutex_cli(s, 'release', '--force', '--yes', older)
+    assert old.returncode == OK, old.stderr
+    assert '--force is deprecated' in old.stderr and f'deleted {older}' in old.stdout
+    assert not s.zk.exists(older) and s.zk.exists(ghost)
+    assert '--force' not in mutex_cli(s, 'release', '--help').stdout
 
     status = mutex_cli(s, 'status', '-j', '-d', worker)
     assert status.returncode == OK, status.stderr
@@ -233,7 +241,7 @@ def test_no_worker_answering_is_not_staleness(scenario):
     assert 'none answered' in table.stdout, table.stdout + table.stderr
     assert ' unclaimed? ' in row_of(table.stdout, quiet)
     assert ' STALE ' in row_of(table.stdout, overdue) and 'past its timeout' in table.stdout
-    refused = mutex_cli(s, 'release', '--force', '--yes', quiet, env=silent)
+    refused = mutex_cli(s, 'release', '--delete-stale', '--yes', quiet, env=silent)
     assert refused.returncode == PROBLEM and 'no worker answered' in refused.stderr
     assert s.zk.exists(quiet)
 

@@ -3,7 +3,7 @@
 Installed as a Celery sub-command (entry point ``celery.commands``)::
 
     celery -A proj mutex list   [-j] [-d WORKERS] [-t SECONDS]
-    celery -A proj mutex release KEY_OR_PATH | --task NAME | --task-id ID [--force] [--yes]
+    celery -A proj mutex release KEY_OR_PATH | --task NAME | --task-id ID [--delete-stale] [--yes]
     celery -A proj mutex status [-j] [-d WORKERS] [-t SECONDS]
 
 One module per sub-command (:mod:`.listing`, :mod:`.release`, :mod:`.status`);
@@ -36,12 +36,12 @@ How a lease is judged:
                 no worker at all, or not the worker named in its data (or
                 that worker was not asked, ``-d``). A lease node only lives
                 as long as its ZooKeeper session, so such a lease is held by
-                a live process that is not answering; ``--force``
+                a live process that is not answering; ``--delete-stale``
                 refuses it.
 
 ``release`` never frees a lease under a running task: it asks the worker that
 holds it to kill the task first (``mutex_release``), then waits until the node
-is gone. ``--force`` deletes only a STALE lease no live worker claims,
+is gone. ``--delete-stale`` deletes only a STALE lease no live worker claims,
 and checks that again right before deleting.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
 0     done, and nothing wrong was found
 1     done, but something is wrong or was not done: a STALE lease
       (``list``), a ZooKeeper server that does not serve (``status``), a
-      lease not released, nothing matched, a refused ``--force``,
+      lease not released, nothing matched, a refused ``--delete-stale``,
       the confirmation declined (``release``)
 2     usage: a bad option, argument or app setting (the message names
       it), an ambiguous key prefix, no terminal to confirm on without

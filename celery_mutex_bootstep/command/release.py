@@ -1,5 +1,5 @@
 """``celery mutex release``: free leases, by asking their worker to kill the task
-first, or (``--force``) by deleting a node no live worker claims."""
+first, or (``--delete-stale``) by deleting a STALE node no live worker claims."""
 from __future__ import annotations
 
 import re
@@ -75,35 +75,37 @@ def _refuse(message: str, workers: Workers) -> CeleryCommandException:
                                   exit_code=UNAVAILABLE if workers.error else PROBLEM)
 
 
-def force_refusal(lease: LeaseNode) -> Optional[str]:
-    """Why ``--force`` may not delete this lease (None: it may)."""
+def delete_refusal(lease: LeaseNode) -> Optional[str]:
+    """Why ``--delete-stale`` may not delete this lease (None: it may)."""
     if lease.claimed_by:
-        return (f'refusing --force: {lease.path} is held by the live worker '
-                f'{lease.claimed_by} (task {lease.task_id}). Release it without --force: '
-                f'the worker kills the task first, so the lease is never freed under a '
-                f'running task.')
+        return (f'refusing --delete-stale: {lease.path} is held by the live worker '
+                f'{lease.claimed_by} (task {lease.task_id}). Release it without '
+                f'--delete-stale: the worker kills the task first, so the lease is never '
+                f'freed under a running task.')
     if lease.status != STALE:
-        return (f'refusing --force: {lease.path} is {lease.status}: {lease.reason}. Nobody can '
+        return (f'refusing --delete-stale: {lease.path} is {lease.status}: {lease.reason}. '
+                f'Nobody can '
                 f'tell whether its task still runs. If its process is gone or hung, stop it '
                 f'(the lease ends with its ZooKeeper session); if the workers are only slow, '
                 f'retry with a longer --timeout.')
     return None
 
 
-def check_force(targets: Sequence[LeaseNode], workers: Workers) -> None:
-    """``--force`` deletes only leases no live worker claims."""
+def check_delete(targets: Sequence[LeaseNode], workers: Workers) -> None:
+    """``--delete-stale`` deletes only STALE leases no live worker claims."""
     for lease in targets:
-        refusal = force_refusal(lease)
+        refusal = delete_refusal(lease)
         if refusal:
             raise _refuse(refusal, workers)
 
 
 def check_release(targets: Sequence[LeaseNode], workers: Workers) -> None:
-    """Without ``--force`` only a worker can free a lease: some target must be claimed."""
+    """Without ``--delete-stale`` only a worker can free a lease: some target must be
+    claimed."""
     if any(lease.claimed_by for lease in targets):
         return
     lease = targets[0]
-    hint = ('delete it with --force' if lease.status == STALE else
+    hint = ('delete it with --delete-stale' if lease.status == STALE else
             'no worker can release it now')
     raise _refuse(f'no live worker claims {lease.path} ({lease.status}: {lease.reason}): '
                   f'{hint}.', workers)
@@ -172,8 +174,8 @@ def release_claimed(app: Any, client: KazooClient, targets: Sequence[LeaseNode],
     return results
 
 
-def force_delete(app: Any, client: KazooClient, target: Target,
-                 targets: Sequence[LeaseNode], opts: Options) -> List[dict]:
+def delete_stale_nodes(app: Any, client: KazooClient, target: Target,
+                       targets: Sequence[LeaseNode], opts: Options) -> List[dict]:
     """Delete unclaimed STALE leases, judged again right before (time may have passed).
 
     ZooKeeper cannot delete on a creation zxid, so a node re-granted in the
@@ -188,7 +190,7 @@ def force_delete(app: Any, client: KazooClient, target: Target,
             results.append({'path': lease.path, 'released': True, 'deleted': False,
                             'note': 'already gone'})
             continue
-        refusal = force_refusal(now_lease)
+        refusal = delete_refusal(now_lease)
         if refusal:  # claimed or no longer judged since the first look
             results.append({'path': lease.path, 'released': False, 'error': refusal})
             continue
@@ -228,10 +230,13 @@ def render_release(results: Sequence[dict], skipped: Sequence[LeaseNode]) -> str
               help='Release every lease of this task (its registered name).')
 @click.option('--task-id', cls=CeleryOption, default=None, help_group='Release Options',
               help='Release the lease held by this task id.')
-@click.option('--force', cls=CeleryOption, is_flag=True, default=False,
+@click.option('--delete-stale', cls=CeleryOption, is_flag=True, default=False,
               help_group='Release Options',
-              help='Delete lease nodes that NO live worker claims (STALE). Refused for a '
-                   'lease a worker holds.')
+              help='Delete the STALE lease nodes that no live worker claims, instead of '
+                   'asking a worker. Refused for a lease a worker claims, or one nobody '
+                   'could judge ("unclaimed?").')
+# Deprecated: in `celery purge` --force means "do not prompt", here it deleted nodes.
+@click.option('--force', is_flag=True, default=False, hidden=True)
 @click.option('-y', '--yes', cls=CeleryOption, is_flag=True, default=False,
               help_group='Release Options', help='Do not ask for confirmation.')
 @click.option('--wait', cls=CeleryOption, type=float, default=DEFAULT_WAIT,
@@ -240,19 +245,23 @@ def render_release(results: Sequence[dict], skipped: Sequence[LeaseNode]) -> str
 @mutex_options
 @click.pass_context
 def release(ctx: click.Context, key_or_path: Optional[str], task: Optional[str],
-            task_id: Optional[str], force: bool, yes: bool, wait: float,
+            task_id: Optional[str], delete_stale: bool, force: bool, yes: bool, wait: float,
             opts: Options) -> None:
     """Free leases: by KEY_OR_PATH (node path, key, or unique key prefix), --task or --task-id.
 
     The worker holding a lease kills its task first (it ends REVOKED) and then
     releases it, so a lease is never freed under a running task; this command
-    waits until the node is gone. --force deletes a lease no live worker
-    claims. Asks for confirmation unless --yes. Exit status 1 when a lease
-    matched was not released (see celery mutex --help).
+    waits until the node is gone. --delete-stale deletes a STALE lease no
+    live worker claims. Asks for confirmation unless --yes. Exit status 1
+    when a lease matched was not released (see celery mutex --help).
     """
     given = [v for v in (key_or_path, task, task_id) if v is not None]
     if len(given) != 1:
         raise click.UsageError('give exactly one of KEY_OR_PATH, --task NAME or --task-id ID')
+    if force:
+        click.echo('celery mutex release: --force is deprecated and will go: it means '
+                   '--delete-stale (use --yes not to be asked).', err=True)
+        delete_stale = True
     app = ctx.obj.app
     target = target_for(app, opts)
     with zookeeper(target, opts.zk_timeout) as client:
@@ -261,19 +270,19 @@ def release(ctx: click.Context, key_or_path: Optional[str], task: Optional[str],
         if not targets:
             raise problem(f'no lease matches {given[0]!r} in {target.namespace} '
                           f'(already released?)')
-        if force:
-            check_force(targets, snap.workers)
+        if delete_stale:
+            check_delete(targets, snap.workers)
         else:
             check_release(targets, snap.workers)
-        todo = targets if force else [lease for lease in targets if lease.claimed_by]
-        skipped = [] if force else [lease for lease in targets if not lease.claimed_by]
-        verb = 'Delete (--force)' if force else 'Release (killing its task first)'
+        todo = targets if delete_stale else [lease for lease in targets if lease.claimed_by]
+        skipped = [] if delete_stale else [lease for lease in targets if not lease.claimed_by]
+        verb = 'Delete (--delete-stale)' if delete_stale else 'Release (killing its task first)'
         click.echo(f'{verb} {len(todo)} lease(s):', err=opts.as_json)
         for lease in todo:
             click.echo(f'  {_describe(lease, snap.taken_at)}', err=opts.as_json)
         confirm(yes, 'Proceed?')
-        if force:
-            results = force_delete(app, client, target, todo, opts)
+        if delete_stale:
+            results = delete_stale_nodes(app, client, target, todo, opts)
         else:
             results = release_claimed(app, client, todo, opts, wait)
     if opts.as_json:
