@@ -7,8 +7,9 @@
       lease not released, nothing matched, a refused ``--delete-stale``,
       the confirmation declined (``release``)
 2     usage: a bad option, argument or app setting (the message names
-      it), an ambiguous key prefix, no terminal to confirm on without
-      ``--yes``; click's own status for usage errors
+      it), an ambiguous key prefix, an option before the sub-command, no
+      terminal to confirm on without ``--yes``; click's own status for
+      usage errors
 69    unavailable (``EX_UNAVAILABLE``, as ``celery inspect`` exits when
       it cannot ask): ZooKeeper unreachable or refusing the credentials,
       or the broker unreachable, so the workers could not be asked
