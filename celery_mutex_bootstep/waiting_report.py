@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .text import cut, duration, table
+
 __all__ = ('KeyWaiting', 'Waiting', 'read_parked', 'count_parked', 'collect', 'waiting')
 
 
@@ -65,23 +67,22 @@ class Waiting:
                 'by_key': [k.as_json() for k in self.keys]}
 
     def render(self) -> str:
-        from .command import _duration, _table  # the list's own formatting
         lines = []
         if self.parked_error:
             lines.append(f'Parked counts as the workers know them: {self.parked_error}.')
         if not self.keys:
             return '\n'.join(lines + ['Waiting: no message waits for a key.'])
         t = self.totals()
-        oldest = ('the oldest for ' + _duration(t['oldest_wait']) if t['oldest_wait'] is not None
+        oldest = ('the oldest for ' + duration(t['oldest_wait']) if t['oldest_wait'] is not None
                   else 'how long they waited is known only to the workers that parked them')
         lines.append(f'Waiting: {t["waiting"]} message(s) for {t["keys"]} key(s), '
                      f'{t["in_workers"]} in the workers\' consumers and {t["parked"]} parked; '
                      f'{oldest}.')
-        rows = [[k.key[:12], _cut(k.mutex or '?', 48), str(k.holders), str(k.waiting),
-                 str(k.in_workers), _parked_text(k), _duration(k.oldest_wait)]
+        rows = [[k.key[:12], cut(k.mutex or '?', 48), str(k.holders), str(k.waiting),
+                 str(k.in_workers), _parked_text(k), duration(k.oldest_wait)]
                 for k in self.keys]
         headers = ('KEY', 'MUTEX', 'HOLDERS', 'WAITING', 'IN WORKERS', 'PARKED', 'OLDEST WAIT')
-        lines += ['  ' + line for line in _table(headers, rows).splitlines()]
+        lines += ['  ' + line for line in table(headers, rows).splitlines()]
         return '\n'.join(lines)
 
 
@@ -89,10 +90,6 @@ def _parked_text(k: KeyWaiting) -> str:
     if k.parked is None:
         return '?'
     return f'{k.parked}*' if k.parked_from == 'workers' else str(k.parked)
-
-
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 3] + '...'
 
 
 # --------------------------------------------------------------------------- sources

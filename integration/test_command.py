@@ -26,6 +26,10 @@ from .workers import REPO_ROOT, worker_env
 CLI_TIMEOUT = 60
 # A Redis database no worker listens on: a broadcast there gets no answer.
 SILENT_BROKER = 'redis://127.0.0.1:6379/9'
+# Nothing listens on port 1: the broker cannot be reached at all.
+DOWN_BROKER = 'redis://127.0.0.1:1/0'
+# The exit statuses every sub-command shares (README, "celery mutex").
+OK, PROBLEM, USAGE, UNAVAILABLE = 0, 1, 2, 69
 
 
 def mutex_cli(s, *args, hosts=None, env=None, timeout=CLI_TIMEOUT, start=False,
@@ -52,10 +56,17 @@ def finish(proc, timeout=CLI_TIMEOUT):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def listed(s, **kw):
-    result = mutex_cli(s, 'list', '--json', **kw)
-    assert result.returncode in (0, 1), result.stderr
-    data = json.loads(result.stdout)
+def one_json_line(result):
+    """``-j`` prints one line of JSON, as ``celery inspect -j`` does."""
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout + result.stderr
+    return json.loads(lines[0])
+
+
+def listed(s, *args, **kw):
+    result = mutex_cli(s, 'list', '-j', *args, **kw)
+    assert result.returncode in (OK, PROBLEM), result.stderr
+    data = one_json_line(result)
     return {lease['path']: lease for lease in data['leases']}, data
 
 
@@ -102,7 +113,7 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     _, stat = s.zk.get(path)
 
     table = mutex_cli(s, 'list')
-    assert table.returncode == 0, table.stderr
+    assert table.returncode == OK, table.stderr
     row = row_of(table.stdout, path)
     for part in ('held', f'{APP}.work', 'key=held', worker, f'pid {w.pid}', h.id,
                  str(stat.czxid)):
@@ -118,22 +129,36 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     assert (lease['token'], lease['session_id']) == (stat.czxid, stat.ephemeralOwner)
     assert 0 <= lease['age'] < 60 and lease['timeout'] == 3600
 
+    # -d asks only the workers named: the holder, or another (then nobody could claim it).
+    leases, data = listed(s, '-d', f'{worker},nobody@nowhere')
+    assert leases[path]['status'] == 'held' and data['workers']['asked'] == [
+        worker, 'nobody@nowhere']
+    leases, data = listed(s, '--destination', 'nobody@nowhere', '--timeout', '0.5')
+    assert leases[path]['status'] == 'unclaimed?' and 'was not asked' in leases[path]['reason']
+    assert data['workers']['answered'] == []
+    asked_another = mutex_cli(s, 'release', '--yes', '-d', 'nobody@nowhere', path)
+    assert asked_another.returncode == PROBLEM, asked_another.stderr
+    assert f'no live worker claims {path}' in asked_another.stderr
+    assert s.zk.exists(path) and running(run.pid)
+
     # No terminal to confirm on: refuse at once, touch nothing.
     started = time.monotonic()
     asked = mutex_cli(s, 'release', path)
-    assert asked.returncode != 0 and time.monotonic() - started < 30
+    assert asked.returncode == USAGE and time.monotonic() - started < 30
     assert 'stdin is not a terminal' in asked.stderr and '--yes' in asked.stderr
     # On a terminal it asks; "n" keeps the lease.
     answer = answered_on_a_terminal(s, b'n\n', 'release', path)
-    assert answer.returncode == 1 and 'Proceed?' in answer.stderr and 'Aborted' in answer.stderr
-    # --force on a lease a live worker holds: refused, release it normally.
-    forced = mutex_cli(s, 'release', '--force', '--yes', path)
-    assert forced.returncode != 0
-    assert 'held by the live worker' in forced.stderr and 'without --force' in forced.stderr
+    assert answer.returncode == PROBLEM and 'Proceed?' in answer.stderr
+    assert 'Aborted' in answer.stderr
+    # --delete-stale on a lease a live worker holds: refused, release it normally.
+    forced = mutex_cli(s, 'release', '--delete-stale', '--yes', path)
+    assert forced.returncode == PROBLEM
+    assert 'held by the live worker' in forced.stderr
+    assert 'without --delete-stale' in forced.stderr
     assert s.zk.exists(path) and running(run.pid)
 
-    released = mutex_cli(s, 'release', path.rsplit('/', 1)[1][:12], '--yes')
-    assert released.returncode == 0, released.stdout + released.stderr
+    released = mutex_cli(s, 'release', path.rsplit('/', 1)[1][:12], '--yes', '-t', '5')
+    assert released.returncode == OK, released.stdout + released.stderr
     assert f'released {path}' in released.stdout and f'killed {APP}.work[{h.id}]' in released.stdout
     assert not s.zk.exists(path)
     assert not running(run.pid), 'the lease was freed while its task could run'
@@ -146,22 +171,23 @@ def test_list_shows_the_holder_and_release_kills_it(scenario):
     assert runs[0].end is None
 
 
-def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
+def test_stale_lease_is_flagged_and_only_it_is_deleted(scenario):
     s = scenario
     w = s.worker('w1', concurrency=1)
     worker = s.nodename(w)
-    # A lease left by an earlier session of this worker: it answers without it.
+    # Leases left by an earlier session of this worker: it answers without them.
     stale, _ = fake_lease(s, 'stale', worker=worker, pid=w.pid)
+    older, _ = fake_lease(s, 'older', worker=worker, pid=w.pid)
     # A lease whose worker does not answer: its session is alive, nobody can tell.
     ghost, _ = fake_lease(s, 'ghost', worker='ghost@nowhere', pid=1)
 
     table = mutex_cli(s, 'list')
-    assert table.returncode == 1, table.stderr  # some lease is STALE
+    assert table.returncode == PROBLEM, table.stderr  # some lease is STALE
     assert ' STALE ' in row_of(table.stdout, stale)
     assert ' unclaimed? ' in row_of(table.stdout, ghost)
     assert 'no live worker claims it' in table.stdout
     leases, data = listed(s)
-    assert data['stale'] == 1
+    assert data['stale'] == 2
     assert leases[stale]['status'] == 'STALE' and leases[stale]['claimed_by'] is None
     assert leases[ghost]['status'] == 'unclaimed?'
 
@@ -169,20 +195,27 @@ def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
     h = s.send('work', 'stale', 0, 7)
     time.sleep(1.0)
     assert s.records.count('start') == 0
-    refused = mutex_cli(s, 'release', '--force', '--yes', ghost)
-    assert refused.returncode != 0 and 'unclaimed?' in refused.stderr
+    refused = mutex_cli(s, 'release', '--delete-stale', '--yes', ghost)
+    assert refused.returncode == PROBLEM and 'unclaimed?' in refused.stderr
     normal = mutex_cli(s, 'release', '--yes', stale)
-    assert normal.returncode != 0 and '--force' in normal.stderr
-    # ... until --force deletes it; the ghost stays.
-    deleted = mutex_cli(s, 'release', '--force', '--yes', '--json', stale)
-    assert deleted.returncode == 0, deleted.stderr
-    assert json.loads(deleted.stdout)['results'][0]['deleted'] is True
+    assert normal.returncode == PROBLEM and 'delete it with --delete-stale' in normal.stderr
+    # ... until --delete-stale deletes it; the ghost stays.
+    deleted = mutex_cli(s, 'release', '--delete-stale', '--yes', '-j', stale)
+    assert deleted.returncode == OK, deleted.stderr
+    assert one_json_line(deleted)['results'][0]['deleted'] is True
     assert not s.zk.exists(stale) and s.zk.exists(ghost)
     assert h.get(timeout=20) == 7
+    # --force still means --delete-stale, with a warning (in `celery purge` it means
+    # "do not ask").
+    old = mutex_cli(s, 'release', '--force', '--yes', older)
+    assert old.returncode == OK, old.stderr
+    assert '--force is deprecated' in old.stderr and f'deleted {older}' in old.stdout
+    assert not s.zk.exists(older) and s.zk.exists(ghost)
+    assert '--force' not in mutex_cli(s, 'release', '--help').stdout
 
-    status = mutex_cli(s, 'status', '--json')
-    assert status.returncode == 0, status.stderr
-    view = json.loads(status.stdout)
+    status = mutex_cli(s, 'status', '-j', '-d', worker)
+    assert status.returncode == OK, status.stderr
+    view = one_json_line(status)
     (server,) = view['zookeeper']['servers']
     assert server['reachable'] and server['mode'] == 'standalone' and server['zxid'] > 0
     assert view['namespace']['namespace'] == s.namespace
@@ -190,8 +223,9 @@ def test_stale_lease_is_flagged_and_only_it_is_force_deleted(scenario):
     mine = {row['worker']: row for row in view['workers']}[worker]
     assert mine['state'] == 'connected' and mine['leases'] == 0
     assert mine['counters']['acquired'] >= 1
-    text = mutex_cli(s, 'status')
-    assert text.returncode == 0, text.stderr
+    text = mutex_cli(s, 'status', '--destination', f'{worker},nobody@nowhere')
+    assert text.returncode == OK, text.stderr
+    assert 'not answering: nobody@nowhere' in text.stdout
     assert 'standalone' in text.stdout
     line = [x for x in text.stdout.splitlines() if x.strip().startswith(worker)]
     assert line and 'connected' in line[0] and f'0x{mine["session_id"]:x}' in line[0]
@@ -207,8 +241,8 @@ def test_no_worker_answering_is_not_staleness(scenario):
     assert 'none answered' in table.stdout, table.stdout + table.stderr
     assert ' unclaimed? ' in row_of(table.stdout, quiet)
     assert ' STALE ' in row_of(table.stdout, overdue) and 'past its timeout' in table.stdout
-    refused = mutex_cli(s, 'release', '--force', '--yes', quiet, env=silent)
-    assert refused.returncode != 0 and 'no worker answered' in refused.stderr
+    refused = mutex_cli(s, 'release', '--delete-stale', '--yes', quiet, env=silent)
+    assert refused.returncode == PROBLEM and 'no worker answered' in refused.stderr
     assert s.zk.exists(quiet)
 
 
@@ -233,10 +267,40 @@ def test_errors_name_the_problem(scenario, zk):
         owner.stop()
         owner.close()
     bad, down, noauth = done['bad'], done['down'], done['noauth']
-    assert bad.returncode == 2 and "--mutex-hosts: bad port '21x81'" in bad.stderr
-    assert down.returncode == 69 and '127.0.0.1:1,127.0.0.1:2' in down.stderr
+    assert bad.returncode == USAGE and "--mutex-hosts: bad port '21x81'" in bad.stderr
+    assert down.returncode == UNAVAILABLE and '127.0.0.1:1,127.0.0.1:2' in down.stderr
     assert 'cannot reach ZooKeeper' in down.stderr
-    assert noauth.returncode == 69 and 'credentials are needed' in noauth.stderr
-    assert done['authed'].returncode == 0 and 'No leases' in done['authed'].stdout
+    assert noauth.returncode == UNAVAILABLE and 'credentials are needed' in noauth.stderr
+    assert done['authed'].returncode == OK and 'No leases' in done['authed'].stdout
+
+
+def test_usage_and_an_unreachable_broker_have_their_exit_status(scenario):
+    s = scenario
+    # Options belong to the sub-command (as celery inspect's): say where it goes.
+    before = mutex_cli(s, '--json', 'list', hosts=False)
+    assert before.returncode == USAGE
+    assert '--json goes after the sub-command' in before.stderr
+    both = mutex_cli(s, 'release', '--task', 'x', '--task-id', 'y')
+    assert both.returncode == USAGE and 'exactly one of' in both.stderr
+
+    # A lease to judge, so the workers must be asked; the broker is not there.
+    held, _ = fake_lease(s, 'nobroker', worker='w9@elsewhere', pid=1)
+    down = {'TEST_BROKER': DOWN_BROKER}
+    runs = {
+        'list': mutex_cli(s, 'list', '-j', env=down, start=True),
+        'status': mutex_cli(s, 'status', env=down, start=True),
+        'release': mutex_cli(s, 'release', '--yes', held, env=down, start=True),
+    }
+    done = {name: finish(proc) for name, proc in runs.items()}
+    listing = done['list']
+    assert listing.returncode == UNAVAILABLE, listing.stderr
+    view = one_json_line(listing)  # ZooKeeper's view is still shown
+    assert [lease['path'] for lease in view['leases']] == [held]
+    assert 'could not ask the workers through the broker' in view['workers']['error']
+    assert done['status'].returncode == UNAVAILABLE, done['status'].stderr
+    assert 'could not ask the workers through the broker' in done['status'].stdout
+    assert done['release'].returncode == UNAVAILABLE, done['release'].stderr
+    assert 'could not ask the workers through the broker' in done['release'].stderr
+    assert s.zk.exists(held)
 
 

@@ -19,12 +19,13 @@ def test_inspect_and_control_from_an_app_that_never_imports_the_step(scenario):
     s = scenario
     w = s.worker('w1', concurrency=2)
     holder = s.send('work', 'ctl', 60.0, 0)
-    wait_for(lambda: s.records.count('start') == 1, message='holder started')
+    other = s.send('work', 'ctl-key', 60.0, 1)
+    wait_for(lambda: s.records.count('start') == 2, message='holders started')
 
     out = celery_cli(s, 'inspect', 'mutex_leases', '-d', s.nodename(w), '--json')
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)[s.nodename(w)]
-    assert [lease['task_id'] for lease in info['leases']] == [holder.id]
+    assert sorted(lease['task_id'] for lease in info['leases']) == sorted([holder.id, other.id])
 
     bad = celery_cli(s, 'control', 'mutex_release', 'bogus', '-d', s.nodename(w), '--json')
     assert 'bad argument' in bad.stdout + bad.stderr and "'bogus'" in bad.stdout + bad.stderr
@@ -39,5 +40,14 @@ def test_inspect_and_control_from_an_app_that_never_imports_the_step(scenario):
     def leases():
         replies = s.client.control.inspect([s.nodename(w)], timeout=3)._request('mutex_leases')
         return list(replies.values())[0]['leases']
-    wait_for(lambda: leases() == [], message='the lease released')
+    wait_for(lambda: [lease['task_id'] for lease in leases()] == [other.id],
+             message='the lease released')
+
+    # by key: the node's name, as celery mutex list shows it
+    key = s.lease_path('work', 'ctl-key').rsplit('/', 1)[1]
+    out = celery_cli(s, 'control', 'mutex_release', f'key={key}', '-d', s.nodename(w), '--json')
+    assert out.returncode == 0, out.stderr
+    reply = next(r[s.nodename(w)] for r in json.loads(out.stdout) if s.nodename(w) in r)
+    assert [a['task_id'] for a in reply.get('ok') or ()] == [other.id], reply
+    wait_for(lambda: leases() == [], message='the lease released by key')
     assert w.is_running()
