@@ -42,6 +42,7 @@ from celery.worker import state as worker_state
 
 from . import messages
 from .capacity import PoolPlaces
+from .handoff import handed
 from .exceptions import MutexConfigError, MutexContended, MutexKeyError
 from .holders import Holders
 from .inbox import Inbox
@@ -93,6 +94,7 @@ class MutexGate:
             self.parked = ParkedKeys(
                 consumer, ParkingLot(consumer.app, leases, self._post), self.room,
                 self.metrics, settings.max_held, inbox.later)
+            self.parked.here = self._here
 
     def install(self) -> None:
         """Put the gate in front of the consumer's ``on_task_request``."""
@@ -139,6 +141,11 @@ class MutexGate:
             # order, whatever order ZooKeeper's answers come back in.
             return self._wait(req, key, LeaseOutcome.CONTENDED, seq=seq)
         self._try(req, key, None, seq)
+
+    def _here(self, digest: str) -> int:
+        """This worker's messages of ``digest`` outside its line (for refills)."""
+        return (self.room.count(digest) + self._in_flight[digest]
+                + sum(1 for _, key, _ in self.places.line if key.digest == digest))
 
     def _pump(self) -> None:
         """Places freed: woken waiters first (each heads its key's line), then
@@ -255,7 +262,8 @@ class MutexGate:
                     req, key, self._in_flight[key.digest], tried)):
             self._park(req, key)
             return
-        self.room.hold(req, key, key.policy.requeue_delay, seq)
+        self.room.hold(req, key, key.policy.requeue_delay, seq,
+                       compensate=not handed(req.message))
         if outcome == LeaseOutcome.CONTENDED:
             self._watch(key)
         self._poll_revoked()
@@ -427,9 +435,9 @@ class MutexGate:
         for req in in_line:
             worker_state.task_ready(req)
         waiting = in_line + [held.req for held in self.room.clear(restore_qos=False)]
-        if reconnect:  # their channel is gone: the broker requeues them
-            return
         for req in waiting:
+            if reconnect and not handed(req.message):
+                continue  # their channel is gone: the broker requeues them
             self.metrics.inc('requeued')
             try:
                 self._reject(req, requeue=True)

@@ -33,6 +33,7 @@ from celery.worker import state as worker_state
 
 from . import messages
 from .exceptions import MutexTimeout
+from .handoff import handed
 from .lease import Lease, ZooKeeperLeases
 from .metrics import MutexMetrics
 from .options import MutexPolicy, MutexSettings
@@ -346,6 +347,8 @@ class Holders:
                 continue  # it started after all: it ends the normal way
             req._already_revoked = True  # should it still reach the pool: refused
             worker_state.task_ready(req)
+            if handed(req.message):  # its channel is not the one that closed
+                messages.reject(req, self.c.connection_errors, requeue=True)
             pid = holder_pid(req)
             if pid is None:  # never written to a pool process: it cannot run
                 logger.info('mutex: releasing %s: %s[%s] was dropped by the broker '

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .handoff import origin_of
+
 __all__ = ('reject', 'ack', 'delivery_limit_reached', 'origin_queue', 'store_failure')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
@@ -46,8 +48,12 @@ def store_failure(req: Any, exc: Exception) -> None:
 
 
 def origin_queue(consumer: Any, message: Any) -> str:
-    """The name of the queue ``message`` was consumed from: by its consumer tag
+    """The name of the queue ``message`` was consumed from: the queue parking
+    noted (a message handed over from a park queue), its consumer tag
     (RabbitMQ), else the consumed queue its exchange and routing key lead to."""
+    noted = origin_of(message)
+    if noted:
+        return noted
     info = message.delivery_info or {}
     task_consumer = getattr(consumer, 'task_consumer', None)
     tag = info.get('consumer_tag')

@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Optional
 
 from . import messages
+from .handoff import handed
 from .parking import UNPARKED_HEADER, ParkingLot
 from .waiting import waiting_since
 
@@ -47,12 +48,17 @@ class ParkedKeys:
         self._registered: set = set()
         self._types: Dict[str, Optional[str]] = {}  # digest -> its park queue's x-queue-type
         self.in_flight = 0                  # parks not yet confirmed
+        # Messages of a key this worker holds outside the line: in the room, and
+        # (the gate says) asking ZooKeeper or waiting for a pool process.
+        self.here: Callable[[str], int] = room.count
         self.generation = 0
         lot.known = lambda: tuple(self.flagged)
 
     @staticmethod
     def unparked(req: Any) -> bool:
-        return bool((req.message.headers or {}).get(UNPARKED_HEADER))
+        """Taken from the key's line (handed over here, or moved to its queue by
+        a sweep): its place in the line was kept, it does not queue again."""
+        return handed(req.message) or bool((req.message.headers or {}).get(UNPARKED_HEADER))
 
     def cap(self, key: Any) -> int:
         return key.policy.limit + CAP_EXTRA
@@ -112,20 +118,28 @@ class ParkedKeys:
             messages.reject(req, self.c.connection_errors, requeue=True)
 
     def refill(self, digest: str) -> None:
-        """Unpark as many of ``digest``'s line as the room has places for."""
+        """Take as many of ``digest``'s line as the room has places for, each
+        handed straight to this consumer (:mod:`.handoff`)."""
         key = self.flagged.get(digest)
         if key is None:
             return
-        while self.room.count(digest) + self._unparking[digest] < self.cap(key):
+        while self.here(digest) + self._unparking[digest] < self.cap(key):
             self._unparking[digest] += 1
-            self.lot.unpark(digest, self._types.get(digest), self._unparked)
+            self.lot.take(digest, self._types.get(digest), self._taken)
 
-    def _unparked(self, digest: str, got: Optional[bool]) -> None:
+    def _taken(self, digest: str, got: Any) -> None:
         self._unparking[digest] -= 1
         if self._unparking[digest] <= 0:
             del self._unparking[digest]
-        if got:
+        if got not in (None, False):
             self.metrics.inc('unparked')
+            handler = getattr(getattr(self.c, 'task_consumer', None), 'on_message', None)
+            try:
+                handler(got)  # as if the broker had delivered it here
+            except Exception:
+                logger.exception('mutex: could not take a message of %s; it goes back '
+                                 'to the head of its line', digest[:12])
+                got.reject_log_error(logger, self.c.connection_errors, requeue=True)
         elif got is False:
             if not self._unparking.get(digest):
                 self.flagged.pop(digest, None)  # its line is empty

@@ -12,8 +12,10 @@ So other keys' messages never queue behind a hot key, and a key's waiters
 leave its park queue in the order they were parked.
 
 Who unparks (:mod:`.parked`): the worker whose consumer sees the key's waiters
-thin out (a grant, a free key), and, for park queues no live worker knows of
-(their parkers crashed), every worker's sweep: each parked key has a
+thin out (a grant, a free key) takes the head and hands it to its own consumer
+(:mod:`.handoff`: delivered once, at ZooKeeper's pace, not behind a backlog);
+for park queues no live worker knows of (their parkers crashed), every
+worker's sweep moves the head to its queue of origin: each parked key has a
 persistent node ``<namespace>/.parked/<digest>`` naming its queue and lease
 nodes; every ``sweep_every`` seconds a worker unparks one message of each key
 that is free, and deletes the node of a park queue found empty.
@@ -47,6 +49,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Sequence
 
 from kombu import Queue
 
+from .handoff import ORIGIN_HEADER, HandedChannel
 from .parked_view import ParkedView
 from .republisher import confirmed_connection, publish_message
 from .waiting import SINCE_HEADER, waiting_since
@@ -56,7 +59,6 @@ __all__ = ('ParkingLot', 'park_queue_name', 'ORIGIN_HEADER', 'UNPARKED_HEADER',
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
-ORIGIN_HEADER = 'x-mutex-origin'
 UNPARKED_HEADER = 'x-mutex-unparked'
 PARKED_AT_HEADER = 'x-mutex-parked-at'
 PARK_PREFIX = 'celery-mutex.park.'
@@ -101,6 +103,7 @@ class ParkingLot:
         self._busy = False
         self.view = ParkedView()
         self._types: Dict[str, Optional[str]] = {}  # digest -> x-queue-type, as used
+        self._generation = 0  # of the connection: a taken message's ack needs its own
 
     # -- asked for on the consumer thread -----------------------------------
 
@@ -114,6 +117,14 @@ class ParkingLot:
         """Move the head of ``digest``'s park queue to its origin; ``done(digest,
         got)`` follows: True moved one, False the park queue was empty, None failed."""
         self._submit(('unpark', digest, queue_type, done))
+
+    def take(self, digest: str, queue_type: Optional[str],
+             done: Callable[[str, Any], None]) -> None:
+        """Take the head of ``digest``'s park queue for this worker's consumer;
+        ``done(digest, message)`` follows: a message (acked through this thread
+        when its request says so), False when the park queue was empty, None
+        when it failed."""
+        self._submit(('take', digest, queue_type, done))
 
     def register(self, digest: str, paths: Sequence[str], queue_type: Optional[str],
                  mutex: Optional[str] = None) -> None:
@@ -145,6 +156,7 @@ class ParkingLot:
 
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.sweep_every
+        settles: list = []
         while True:
             with self._cond:
                 while not self._jobs and not self._stop:
@@ -153,7 +165,9 @@ class ParkingLot:
                         break
                     self._cond.wait(wait)
                 if self._stop:
-                    return
+                    settles = [j for j in self._jobs if j[0] == 'settle']
+                    self._jobs.clear()
+                    break
                 due = time.monotonic() >= next_sweep
                 job = ('sweep',) if due or not self._jobs else self._jobs.popleft()
                 self._busy = True
@@ -165,12 +179,19 @@ class ParkingLot:
                     self._cond.notify_all()
             if job[0] == 'sweep':
                 next_sweep = time.monotonic() + self.sweep_every
+        for job in settles:  # acks asked for before the close: not lost
+            self._settle(*job[1:])
 
     def _do(self, job: tuple) -> None:
         if job[0] == 'sweep':
             self._sweep()
         elif job[0] == 'park':
             self._park(*job[1:])
+        elif job[0] == 'settle':
+            self._settle(*job[1:])
+        elif job[0] == 'take':
+            _, digest, queue_type, done = job
+            self.post(done, digest, self._take(digest, queue_type))
         else:
             _, digest, queue_type, done = job
             self.post(done, digest, self._unpark(digest, queue_type))
@@ -215,6 +236,43 @@ class ParkingLot:
             self._drop_connection()
             logger.warning('mutex: could not unpark from %s (%r); retried later', name, exc)
             return None
+
+    def _take(self, digest: str, queue_type: Optional[str]) -> Any:
+        name = park_queue_name(self.leases.namespace, digest)
+        self._types[digest] = queue_type
+        try:
+            producer = self._producer_for()
+            self._declare(name, queue_type)
+            message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
+        except Exception as exc:  # what was taken and not acked goes back
+            self._drop_connection()
+            logger.warning('mutex: could not unpark from %s (%r); retried later', name, exc)
+            return None
+        if message is None:
+            self.view.measured(digest, 0)
+            return False
+        headers = message.headers or {}
+        parked_at = headers.get(PARKED_AT_HEADER)
+        self.view.unparked(digest, parked_at if isinstance(parked_at, (int, float)) else None)
+        # As the task sees it: delivered from its queue, not from the park queue.
+        message.delivery_info.update(exchange='', routing_key=headers.get(ORIGIN_HEADER) or name)
+        message.channel = HandedChannel(self._submit, self._generation)
+        return message
+
+    def _settle(self, generation: int, delivery_tag: Any, requeue: Optional[bool]) -> None:
+        """Ack (``requeue`` None) or reject a taken message, on its channel."""
+        if generation != self._generation or self._producer is None:
+            return  # its connection is gone: the broker put it back already
+        try:
+            channel = self._producer.channel
+            if requeue is None:
+                channel.basic_ack(delivery_tag)
+            else:
+                channel.basic_reject(delivery_tag, requeue=requeue)
+        except Exception as exc:
+            self._drop_connection()
+            logger.warning('mutex: could not acknowledge a message taken from a park queue '
+                           '(%r); the broker puts it back (it may run twice)', exc)
 
     def _sweep(self) -> None:
         """Unpark one message of every registered key that is free and that this
@@ -279,6 +337,7 @@ class ParkingLot:
             self._connection = confirmed_connection(self.app)
             self._producer = self._connection.Producer()
             self._declared.clear()
+            self._generation += 1
         return self._producer
 
     def _drop_connection(self) -> None:

@@ -93,12 +93,14 @@ class WaitingRoom:
         queue = self._by_key.get(digest)
         return queue[0] if queue else None
 
-    def hold(self, req: Any, key: Any, delay: float, seq: int = 0) -> Held:
+    def hold(self, req: Any, key: Any, delay: float, seq: int = 0,
+             compensate: bool = True) -> Held:
         """Hold ``req``; ``seq`` is its arrival number, which orders the key's
         waiters (an answer from ZooKeeper can come back after a later arrival
-        already joined the queue)."""
+        already joined the queue). ``compensate=False``: it takes no prefetch
+        slot (handed over from a park queue), so none is added for it."""
         compensated = 0
-        if self._compensated < self.max_held:
+        if compensate and self._compensated < self.max_held:
             # kombu caps the increment at max_prefetch (worker_eta_task_limit)
             # but not the decrement: undo exactly what was applied.
             qos = self.c.qos

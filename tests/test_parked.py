@@ -14,7 +14,7 @@ class FakeLot:
     def park(self, req, digest, origin, queue_type, done):
         self.parks.append((req, digest, origin, queue_type, done))
 
-    def unpark(self, digest, queue_type, done):
+    def take(self, digest, queue_type, done):
         self.unparks.append((digest, done))
 
     def register(self, digest, paths, queue_type, mutex=None):
@@ -44,7 +44,8 @@ def make(max_held=64):
     lot, room = FakeLot(), Room()
     queues = {'q': SimpleNamespace(queue_arguments={'x-queue-type': 'quorum'})}
     consumer = SimpleNamespace(app=SimpleNamespace(amqp=SimpleNamespace(queues=queues)),
-                               task_consumer=SimpleNamespace(queues=[], _active_tags={}),
+                               task_consumer=SimpleNamespace(queues=[], _active_tags={},
+                                                             on_message=HANDED.append),
                                connection_errors=())
     later = []
     parked = ParkedKeys(consumer, lot, room, MutexMetrics(), max_held,
@@ -52,6 +53,7 @@ def make(max_held=64):
     return parked, lot, room, later
 
 
+HANDED = []
 KEY = SimpleNamespace(digest='d1', slots=('d1',), policy=SimpleNamespace(limit=1))
 
 
@@ -82,8 +84,10 @@ def test_refill_fills_the_free_places_and_an_empty_park_queue_clears_the_flag():
     assert len(lot.unparks) == 2          # limit + 1 free places
     parked.refill('d1')
     assert len(lot.unparks) == 2          # already on their way
-    lot.unparks[0][1]('d1', True)
+    taken = SimpleNamespace(headers={})
+    lot.unparks[0][1]('d1', taken)
     assert 'd1' in parked.flagged and parked.metrics['unparked'] == 1
+    assert HANDED[-1] is taken  # delivered to this consumer, as the broker would
     lot.unparks[1][1]('d1', None)         # failed: retried later, still flagged
     assert 'd1' in parked.flagged and later
     parked.refill('d1')                   # two places again
