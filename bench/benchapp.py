@@ -37,8 +37,9 @@ The ``bench_stats`` inspect command returns, per worker, the deliveries the
 consumer saw per routing key (all, and those with ``redelivered`` set; counted
 in the consumer on ``task_received``, i.e. before the mutex gate decides), the
 gate's counters and whether its ZooKeeper session is connected. A parked
-message that was unparked (header ``x-mutex-unparked``) is a fresh copy, not a
-redelivery: it is counted apart.
+message taken back from its park queue (it carries ``x-mutex-origin``: handed
+to the consumer, or moved to its queue by a sweep with ``x-mutex-unparked``) is
+a fresh delivery of the copy, not a redelivery: it is counted apart.
 """
 import json
 import os
@@ -209,7 +210,8 @@ def _count_delivery(request=None, **_):
     counts[0] += 1
     if info.get('redelivered'):
         counts[1] += 1
-    if ((request.message.headers or {}) if request.message else {}).get('x-mutex-unparked'):
+    headers = (request.message.headers or {}) if request.message else {}
+    if headers.get('x-mutex-origin') or headers.get('x-mutex-unparked'):
         counts[2] += 1
 
 
