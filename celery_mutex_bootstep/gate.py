@@ -42,8 +42,9 @@ from celery.worker import state as worker_state
 
 from . import messages
 from .capacity import PoolPlaces
+from .endings import Endings
 from .handoff import handed
-from .exceptions import MutexConfigError, MutexContended, MutexKeyError
+from .exceptions import MutexConfigError, MutexKeyError
 from .holders import Holders
 from .inbox import Inbox
 from .lease import Lease, LeaseOutcome, ZooKeeperLeases
@@ -60,7 +61,6 @@ __all__ = ('MutexGate', 'MutexPolicies')  # MutexPolicies re-exported from .poli
 logger = logging.getLogger(__name__)
 
 _REVOKE_POLL = 0.1
-_UNAVAILABLE_LOG_EVERY = 10.0
 # A room waiter parks itself after this long unacknowledged (RabbitMQ's consumer
 # timeout, 30 min by default, would close the channel).
 _ROOM_WAIT_MAX = 600.0
@@ -83,10 +83,10 @@ class MutexGate:
         self._watching: set = set()
         self._in_flight: Counter = Counter()  # digest -> first tries not answered yet
         self._revoke_timer: Any = None
-        self._last_unavailable_log = 0.0
         self._arrivals = 0
         self._post = inbox.post
         self.metrics = MutexMetrics()
+        self.endings = Endings(consumer, leases, self.metrics)
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
         self.places = PoolPlaces(consumer, inbox.post, self._pump, settings.lease_ahead)
         self.parked: Optional[ParkedKeys] = None
@@ -109,14 +109,14 @@ class MutexGate:
             try:
                 policy = self.policies.get(req.type)
             except MutexConfigError as exc:
-                return self._refuse(req, exc)
+                return self.endings.refuse(req, exc)
             if policy is None:
                 self.places.entered(req)
                 return self._next(req)
             try:
                 key = policy.key_for(req.args, req.kwargs)
             except MutexKeyError as exc:
-                return self._refuse(req, exc)
+                return self.endings.refuse(req, exc)
             self._arrivals += 1
             if self.places.line or not self.places.free():
                 return self.places.wait(req, key, self._arrivals)  # no hoarding
@@ -127,7 +127,7 @@ class MutexGate:
     def _failed(self, req: Any) -> None:
         logger.exception('mutex: gate failed on %s[%s]; handing it back',
                          getattr(req, 'name', '?'), getattr(req, 'id', '?'))
-        self._reject(req, requeue=True)
+        self.endings.reject(req, requeue=True)
 
     def _admit(self, req: Any, key: MutexKey, seq: int) -> None:
         """A pool place is free for ``req``: try its lease, or wait."""
@@ -215,7 +215,7 @@ class MutexGate:
                 if outcome == LeaseOutcome.CONTENDED:
                     self._watch(key)
             elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
-                self._skip(req, key)
+                self.endings.skip(req, key)
             else:
                 self._wait(req, key, outcome, exc, seq=seq, tried=True)
         except Exception:
@@ -225,7 +225,7 @@ class MutexGate:
                 self.holders.release(lease)
             if held is not None:
                 self.room.leave(held)
-            self._reject(req, requeue=True)
+            self.endings.reject(req, requeue=True)
         finally:
             self._pump()
 
@@ -256,7 +256,7 @@ class MutexGate:
                 logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
         else:
             self.metrics.inc('unavailable')
-            self._log_unavailable(req, exc)
+            self.endings.log_unavailable(req, exc)
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
                 and key.policy.contended == 'requeue' and self.parked.should_park(
                     req, key, self._in_flight[key.digest], tried)):
@@ -317,7 +317,7 @@ class MutexGate:
             return
         self.metrics.inc('requeued')
         req.send_event('mutex-requeued', key=held.key.digest, mutex=held.key.describe())
-        self._reject(req, requeue=True)
+        self.endings.reject(req, requeue=True)
 
     def _park(self, req: Any, key: MutexKey) -> None:
         req.send_event('mutex-parked', key=key.digest, mutex=key.describe())
@@ -340,44 +340,6 @@ class MutexGate:
                         self.room.leave(held)
             self._poll_revoked()
         self._revoke_timer = self.inbox.later(_REVOKE_POLL, check)
-
-    def _log_unavailable(self, req: Any, exc: Optional[BaseException]) -> None:
-        now = time.monotonic()
-        if now - self._last_unavailable_log < _UNAVAILABLE_LOG_EVERY:
-            return
-        self._last_unavailable_log = now
-        since = self.leases.disconnected_since
-        for_ = f' for {now - since:.0f}s' if since is not None else ''
-        logger.warning(
-            'mutex: ZooKeeper (%s) is not reachable%s; guarded tasks are not run '
-            'and go back to the broker (e.g. %s[%s])%s', self.leases.hosts, for_,
-            req.name, req.id, f': {exc!r}' if exc else '')
-
-    # -- skipping, refusing and rejecting -----------------------------------
-
-    def _skip(self, req: Any, key: MutexKey) -> None:
-        """``mutex_contended='skip'``: drop visibly, never silently."""
-        self.metrics.inc('skipped')
-        worker_state.task_ready(req)
-        exc = MutexContended(req.name, key.describe())
-        logger.warning('mutex: %s[%s] skipped: %s is held (mutex_contended=skip)',
-                       req.name, req.id, key.describe())
-        messages.store_failure(req, exc)
-        req.send_event('mutex-skipped', key=key.digest, mutex=key.describe())
-        req.send_event('task-failed', exception=repr(exc), traceback='')
-        messages.ack(req, self.c.connection_errors)
-
-    def _refuse(self, req: Any, exc: Exception) -> None:
-        """Fail a request whose key cannot be built; do not requeue it."""
-        self.metrics.inc('refused')
-        logger.error('mutex: %s[%s] refused: %s', req.name, req.id, exc)
-        worker_state.task_ready(req)
-        messages.store_failure(req, exc)
-        req.send_event('task-failed', exception=repr(exc), traceback='')
-        self._reject(req, requeue=False)
-
-    def _reject(self, req: Any, requeue: bool) -> None:
-        messages.reject(req, self.c.connection_errors, requeue=requeue)
 
     # -- consumer and session lifecycle --------------------------------------
 
@@ -440,7 +402,7 @@ class MutexGate:
                 continue  # their channel is gone: the broker requeues them
             self.metrics.inc('requeued')
             try:
-                self._reject(req, requeue=True)
+                self.endings.reject(req, requeue=True)
             except Exception as exc:
                 logger.warning('mutex: could not hand back %s: %r', req.id, exc)
 
