@@ -170,6 +170,8 @@ class MutexGate:
                 return self._refuse(req, exc)
             self._arrivals += 1
             seq = self._arrivals
+            if self.parked is not None and policy.contended == 'requeue':
+                self.parked.arrived(req, key)
             if not self.leases.connected:
                 return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
             if policy.contended == 'requeue' and (

@@ -109,3 +109,15 @@ def test_a_park_acks_the_original_only_once_confirmed_and_not_after_a_reconnect(
     parked.park(req2, KEY)
     lot.parks[1][4](req2, True)
     assert acked == [2] and parked.metrics['parked'] == 1
+
+
+def test_an_unparked_arrival_follows_its_line_even_when_it_runs_at_once():
+    # a sweep restarted the line of a dead parker: whoever receives the message
+    # goes on unparking when it takes the key, not one message per sweep
+    parked, lot, _, _ = make()
+    parked.arrived(request(), KEY)
+    assert parked.flagged == {}
+    parked.arrived(request(unparked=True), KEY)
+    assert 'd1' in parked.flagged
+    parked.refill('d1')
+    assert [d for d, _ in lot.unparks] == ['d1', 'd1']
