@@ -88,10 +88,11 @@ def zk_factory(tmp_path):
 
 
 @pytest.fixture
-def private_broker(tmp_path):
+def private_broker(tmp_path, rabbitmq_url, redis_url):
     """``private_broker('rabbitmq' | 'redis')``: a started broker node of this test's
     own, which it may stop and restart (the machine's brokers never are); closed at
-    teardown. Ask for it before ``scenario_for``, so its workers stop first."""
+    teardown. Ask for it before ``scenario_for``, so its workers stop first. (The
+    machine's brokers' fixtures install the servers when they are missing.)"""
     nodes = []
 
     def make(kind):
