@@ -118,6 +118,8 @@ class MutexGate:
             except MutexKeyError as exc:
                 return self.endings.refuse(req, exc)
             self._arrivals += 1
+            if self.parked is not None and policy.contended == 'requeue':
+                self.parked.arrived(req, key)
             if self.places.line or not self.places.free():
                 return self.places.wait(req, key, self._arrivals)  # no hoarding
             self._admit(req, key, self._arrivals)
@@ -355,6 +357,12 @@ class MutexGate:
         self.inbox.attach()
         self.holders.resume()
         if self.parked is not None:
+            # Watches set before a broker reconnect call back into the old
+            # generation, which ignores them; the room's waiters, which would set
+            # new ones, may not come back (Redis: not before visibility_timeout).
+            # So every followed line gets a watch now: a free key refills at once.
+            for key in list(self.parked.flagged.values()):
+                self._watch(key)
             self.parked.lot.start()
 
     def on_session(self, state: str) -> None:

@@ -12,6 +12,8 @@ run:
   reconnect, which it does without a callback): at once, or, if prefork had
   already written it to a pool process (which then runs it), once that
   process was killed and has exited.
+* the request runs across a broker reconnect: as usual, when it ends (Celery
+  before 5.7 forgets running jobs then; the step gives them back to the pool).
 
 A holder that outlives its ``mutex_timeout`` is SIGKILLed by this worker and
 only then released. When the ZooKeeper session is lost, :mod:`.stopping`
@@ -48,6 +50,17 @@ logger = logging.getLogger('celery_mutex_bootstep.gate')
 
 _EXIT_POLL = 0.02
 _SWEEP_EVERY = 0.25
+
+
+def _keep_running_job(req: Any) -> None:
+    """Celery before 5.7 forgets, on a broker reconnect, the jobs its pool
+    processes are running (``AsynPool.flush`` clears its whole job cache,
+    celery/celery#8541): their ends would never be reported, so their leases
+    never released. Put a granted, running job back, so its end is reported."""
+    job = req.__dict__.get('_mutex_apply_result')
+    cache = getattr(job, '_cache', None)
+    if cache is not None and not job.ready():
+        cache.setdefault(job._job, job)
 
 
 class Holders:
@@ -339,6 +352,9 @@ class Holders:
             self.leases.deadline.validity.next_epoch()
             dropped = [(lease, req) for lease, req in list(self._granted.items())
                        if req.time_start is None]
+            for lease, req in list(self._granted.items()):
+                if req.time_start is not None and not lease.released:
+                    _keep_running_job(req)
             self._release_dropped(dropped)
 
     def _release_dropped(self, dropped: list) -> None:

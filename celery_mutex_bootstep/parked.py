@@ -63,6 +63,13 @@ class ParkedKeys:
     def cap(self, key: Any) -> int:
         return key.policy.limit + CAP_EXTRA
 
+    def arrived(self, req: Any, key: Any) -> None:
+        """An unparked message means its key's line goes on: follow it here,
+        whether it waits or, the key being free, runs at once (a line a sweep
+        restarted would otherwise move one message per sweep)."""
+        if self.unparked(req) and key.digest not in self.flagged:
+            self._flag(key, messages.origin_queue(self.c, req.message))
+
     def queue_behind(self, req: Any, key: Any) -> bool:
         """A fresh arrival for a flagged key waits its turn in the park queue."""
         if key.digest in self.flagged:
@@ -80,8 +87,6 @@ class ParkedKeys:
         if len(self.room) >= self.max_held:
             return True
         if self.unparked(req):
-            if key.digest not in self.flagged:  # its line goes on
-                self._flag(key, messages.origin_queue(self.c, req.message))
             return False
         if tried:
             return self.room.count(key.digest) >= self.cap(key)

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from integration import zkserver
+from integration.private_broker import PrivateRabbitMQ, PrivateRedis
 from integration.scenario import Scenario
 from integration.workers import start_worker
 
@@ -16,12 +17,15 @@ def _short_name(name):
 
 @pytest.fixture
 def scenario_for(request, worker_factory, zk, rabbitmq_url, redis_url):
-    """``scenario_for('rabbitmq' | 'redis')``: a Scenario on that broker."""
+    """``scenario_for('rabbitmq' | 'redis' | URL)``: a Scenario on that broker."""
     made = []
 
     def make(broker='rabbitmq'):
-        url = rabbitmq_url if broker == 'rabbitmq' else \
-            redis_url.rsplit('/', 1)[0] + f'/{REDIS_BROKER_DB}'
+        if '://' in broker:
+            url = broker
+        else:
+            url = rabbitmq_url if broker == 'rabbitmq' else \
+                redis_url.rsplit('/', 1)[0] + f'/{REDIS_BROKER_DB}'
 
         def factory(app, **kwargs):
             return worker_factory(app, wait=False, **kwargs)
@@ -77,6 +81,26 @@ def zk_factory(tmp_path):
         if start:
             node.start()
             node.wait_ready()
+        return node
+    yield make
+    for node in nodes:
+        node.close()
+
+
+@pytest.fixture
+def private_broker(tmp_path, rabbitmq_url, redis_url):
+    """``private_broker('rabbitmq' | 'redis')``: a started broker node of this test's
+    own, which it may stop and restart (the machine's brokers never are); closed at
+    teardown. Ask for it before ``scenario_for``, so its workers stop first. (The
+    machine's brokers' fixtures install the servers when they are missing.)"""
+    nodes = []
+
+    def make(kind):
+        cls = PrivateRabbitMQ if kind == 'rabbitmq' else PrivateRedis
+        node = cls(tmp_path / f'{kind}-{len(nodes)}')
+        nodes.append(node)
+        node.start()
+        node.wait_ready()
         return node
     yield make
     for node in nodes:

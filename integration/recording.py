@@ -31,6 +31,11 @@ def record(records, task, phase, key, **extra):
         retries=task.request.retries, **extra)))
 
 
+def flag_set(name):
+    """A test's signal to a running task: ``name`` exists in the record store."""
+    return bool(_r().exists(name))
+
+
 def make_app(name, *, queue, namespace):
     """A test app configured from TEST_* variables (broker, backend, queue, ...)."""
     app = Celery(name,

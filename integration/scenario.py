@@ -107,6 +107,8 @@ class Scenario:
             self._zk.close()
         try:
             with self.client.connection_for_write() as conn:
+                # a broker that is gone (a test's private one) is not waited for
+                conn.ensure_connection(max_retries=1, timeout=5)
                 conn.default_channel.queue_delete(self.queue)
                 for name in parked:
                     conn.default_channel.queue_delete(name)

@@ -12,7 +12,7 @@ from celery.exceptions import Ignore, Reject
 from celery.worker.control import control_command
 
 from celery_mutex_bootstep import install
-from integration.recording import make_app, record as _record
+from integration.recording import flag_set, make_app, record as _record
 
 RECORDS = os.environ.get('TEST_RECORDS', 'mutex-test:records')
 
@@ -49,9 +49,15 @@ def record(task, phase, key, **extra):
 
 
 @app.task(bind=True, mutex_keys=('key',))
-def work(self, key, duration=0.0, seq=None):
+def work(self, key, duration=0.0, seq=None, until=None):
+    """Hold ``key`` for ``duration``; with ``until`` (a key in the record store),
+    only until the test sets it, at most ``duration``."""
     record(self, 'start', key, seq=seq)
-    time.sleep(duration)
+    deadline = time.monotonic() + duration
+    while until and time.monotonic() < deadline and not flag_set(until):
+        time.sleep(0.05)
+    if not until:
+        time.sleep(duration)
     record(self, 'end', key, seq=seq)
     return seq
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The compatibility run: the integration subset that covers the gate, the release
-# paths, session loss and the CLI, on each older Celery/kombu/kazoo the README claims
-# (the newest runs in `make test` itself). One virtualenv per version set, in
+# paths, session loss, a broker restart and the CLI, on each older Celery/kombu/kazoo
+# the README claims (the newest runs in `make test` itself). One virtualenv per version set, in
 # .venv-compat/, rebuilt only when setup.py changes.
 #
 #   sh scripts/compat.sh CELERY:KOMBU:KAZOO ...      e.g. 5.3.6:5.3.7:2.9.0
@@ -11,8 +11,10 @@ PYTHON3=${PYTHON3:-python3}
 SUBSET="integration/test_gate.py integration/test_release.py integration/test_exclusion.py
         integration/test_command.py integration/test_faults.py::test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire
         integration/test_faults.py::test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_it
+        integration/test_faults.py::test_broker_connection_reset_releases_the_leases_of_dropped_requests
         integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing
         integration/test_no_hoarding.py
+        integration/test_broker_restart.py
         integration/test_hot_key.py::test_other_keys_do_not_wait_behind_a_hot_key[rabbitmq]
         integration/test_hot_key.py::test_parked_messages_survive_the_worker_that_parked_them"
 

@@ -125,3 +125,15 @@ def test_arrivals_still_asking_keep_their_room_places_in_arrival_order():
     assert not parked.should_park(request(), KEY, tried=True)
     room.counts['d1'] = 2
     assert parked.should_park(request(), KEY, tried=True)  # the room is full after all
+
+
+def test_an_unparked_arrival_follows_its_line_even_when_it_runs_at_once():
+    # a sweep restarted the line of a dead parker: whoever receives the message
+    # goes on unparking when it takes the key, not one message per sweep
+    parked, lot, _, _ = make()
+    parked.arrived(request(), KEY)
+    assert parked.flagged == {}
+    parked.arrived(request(unparked=True), KEY)
+    assert 'd1' in parked.flagged
+    parked.refill('d1')
+    assert [d for d, _ in lot.unparks] == ['d1', 'd1']
