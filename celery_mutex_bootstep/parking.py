@@ -215,46 +215,56 @@ class ParkingLot:
         self.view.parked(digest, parked_at, since)
         self.post(done, req, True)
 
-    def _unpark(self, digest: str, queue_type: Optional[str]) -> Optional[bool]:
+    def _head(self, digest: str, queue_type: Optional[str]) -> Any:
+        """Take the head of ``digest``'s park queue, unacknowledged; None when
+        it is empty. Raises on a broker error."""
         name = park_queue_name(self.leases.namespace, digest)
         self._types[digest] = queue_type
-        try:
-            producer = self._producer_for()
-            self._declare(name, queue_type)
-            message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
-            if message is None:
-                self.view.measured(digest, 0)
-                return False
-            headers = message.headers or {}
-            origin = headers.get(ORIGIN_HEADER) or 'celery'
-            publish_message(producer, message, '', origin, {UNPARKED_HEADER: 1})
-            message.ack()
-            parked_at = headers.get(PARKED_AT_HEADER)
-            self.view.unparked(digest, parked_at if isinstance(parked_at, (int, float)) else None)
-            return True
-        except Exception as exc:  # what was taken and not acked goes back
-            self._drop_connection()
-            logger.warning('mutex: could not unpark from %s (%r); retried later', name, exc)
-            return None
-
-    def _take(self, digest: str, queue_type: Optional[str]) -> Any:
-        name = park_queue_name(self.leases.namespace, digest)
-        self._types[digest] = queue_type
-        try:
-            producer = self._producer_for()
-            self._declare(name, queue_type)
-            message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
-        except Exception as exc:  # what was taken and not acked goes back
-            self._drop_connection()
-            logger.warning('mutex: could not unpark from %s (%r); retried later', name, exc)
-            return None
+        producer = self._producer_for()
+        self._declare(name, queue_type)
+        message = _queue(name, queue_type)(producer.channel).get(no_ack=False)
         if message is None:
             self.view.measured(digest, 0)
-            return False
-        headers = message.headers or {}
-        parked_at = headers.get(PARKED_AT_HEADER)
+        return message
+
+    def _left_line(self, digest: str, message: Any) -> None:
+        parked_at = (message.headers or {}).get(PARKED_AT_HEADER)
         self.view.unparked(digest, parked_at if isinstance(parked_at, (int, float)) else None)
+
+    def _unpark_failed(self, digest: str, exc: Exception) -> None:
+        # What was taken and not acked goes back to the head of its park queue.
+        self._drop_connection()
+        logger.warning('mutex: could not unpark from %s (%r); retried later',
+                       park_queue_name(self.leases.namespace, digest), exc)
+
+    def _unpark(self, digest: str, queue_type: Optional[str]) -> Optional[bool]:
+        """Move the head to the tail of its queue of origin (sweeps)."""
+        try:
+            message = self._head(digest, queue_type)
+            if message is None:
+                return False
+            origin = (message.headers or {}).get(ORIGIN_HEADER) or 'celery'
+            publish_message(self._producer, message, '', origin, {UNPARKED_HEADER: 1})
+            message.ack()
+        except Exception as exc:
+            self._unpark_failed(digest, exc)
+            return None
+        self._left_line(digest, message)
+        return True
+
+    def _take(self, digest: str, queue_type: Optional[str]) -> Any:
+        """Take the head for this worker's consumer (:mod:`.handoff`)."""
+        try:
+            message = self._head(digest, queue_type)
+        except Exception as exc:
+            self._unpark_failed(digest, exc)
+            return None
+        if message is None:
+            return False
+        self._left_line(digest, message)
+        headers = message.headers or {}
         # As the task sees it: delivered from its queue, not from the park queue.
+        name = park_queue_name(self.leases.namespace, digest)
         message.delivery_info.update(exchange='', routing_key=headers.get(ORIGIN_HEADER) or name)
         message.channel = HandedChannel(self._submit, self._generation)
         return message
