@@ -1101,7 +1101,7 @@ def main(argv=None):
         res = bench.run(rows, profile=args.profile)
         ok = True
     finally:
-        bench.cleanup(keep_logs=not ok)
+        bench.cleanup(keep_logs=not ok or bool(os.environ.get("BENCH_KEEP_LOGS")))
     elapsed = time.monotonic() - t0
     text, md = report(res, bench, elapsed, load0, os.getloadavg(), rows)
     print(text)
