@@ -29,8 +29,11 @@ class DeleteBatcher:
         self._deleting = False
 
     def queue(self, lease: Any) -> None:
+        self.queue_many([lease])
+
+    def queue_many(self, leases: List[Any]) -> None:
         with self.leases._lock:
-            self._to_delete.append(lease)
+            self._to_delete.extend(leases)
             if self._deleting:
                 return  # the batch in flight sends this one when it returns
             self._deleting = True

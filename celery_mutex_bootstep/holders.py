@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -78,6 +79,7 @@ class Holders:
         self._granted: Dict[Lease, Any] = {}   # lease -> request
         self._policy_of: Dict[Lease, MutexPolicy] = {}
         self._sweep_timer: Any = None
+        self._thread = threading.get_ident()  # the consumer's, set again on resume
         self.stopper = HolderStopper(settings.on_session_loss)
         self.republisher = Republisher(consumer.app, self.post, self._republished)
 
@@ -94,9 +96,15 @@ class Holders:
         self._granted[lease] = req
         self._policy_of[lease] = policy
         self.stopper.add(lease, req)
+
+        def ended() -> None:
+            # Free the place first: the request it admits asks for its lease in
+            # this turn, and the release rides with that create (creates.py).
+            on_end()
+            self.release(lease, with_turn=threading.get_ident() == self._thread)
         watch_request_end(
             req,
-            ended=lambda: (self.release(lease), on_end()),
+            ended=ended,
             killed=lambda: (self.release_after_exit(req, lease), on_end()),
             started=lambda: self._started(req, lease),
             refused=lambda: self.post(self._refused_in_pool, req, lease),
@@ -152,12 +160,12 @@ class Holders:
 
     # -- releasing ---------------------------------------------------------
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, with_turn: bool = False) -> None:
         # Any thread (prefork: the hub; threads pool: an executor; solo: inline).
         self._granted.pop(lease, None)
         self._policy_of.pop(lease, None)
         self.stopper.discard(lease)
-        if self.leases.release(lease):
+        if self.leases.release(lease, with_turn=with_turn):
             self.metrics.inc('released')
             self.metrics.held_for(time.monotonic() - lease.acquired_monotonic)
 
@@ -336,6 +344,7 @@ class Holders:
 
     def resume(self) -> None:
         """The consumer (re)started: watch running holders again."""
+        self._thread = threading.get_ident()
         if self._granted and self._sweep_timer is None:
             self._sweep_overruns()
 
@@ -347,6 +356,8 @@ class Holders:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
+        # Releases waiting for the end of a turn the stopped loop will not finish.
+        self.leases.creates.flush_deletes()
         if reconnect and type(self.c.pool).__module__.endswith('.prefork'):
             # Whatever prefork forgot must not start, wherever it sits.
             self.leases.deadline.validity.next_epoch()

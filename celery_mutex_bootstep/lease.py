@@ -144,7 +144,7 @@ class ZooKeeperLeases:
         self._connected = False
         self._started = False
         self.stats = {'creates': 0, 'create_batches': 0, 'deletes': 0, 'delete_batches': 0,
-                      'watches': 0}
+                      'deletes_with_creates': 0, 'watches': 0}
         # Acquisitions asked for in one turn of the caller's loop go out as
         # one multi (creates.py); releases are batched (deletes.py); lost
         # replies are reaped (orphans.py).
@@ -248,10 +248,12 @@ class ZooKeeperLeases:
         if self._connected:
             self.watches.watch([self.path_for(k) for k in keys], callback)
 
-    def release(self, lease: Lease) -> bool:
+    def release(self, lease: Lease, with_turn: bool = False) -> bool:
         """Delete the lease's node, once. Safe from any thread.
 
-        Returns False when it was already released.
+        ``with_turn``: the caller is the consumer thread in a turn of its loop;
+        the delete may go out with that turn's creates, at the end of the turn
+        (creates.py). Returns False when it was already released.
         """
         if not lease._claim_release():
             return False
@@ -261,7 +263,8 @@ class ZooKeeperLeases:
             same_session = (lease.session_id == self._session_id and not lease.lost)
         if not same_session:
             return True  # gone with its session; the path may be someone else's now
-        self.deletes.queue(lease)
+        if not (with_turn and self.creates.add_delete(lease)):
+            self.deletes.queue(lease)
         return True
 
     # -- session events ----------------------------------------------------

@@ -179,6 +179,65 @@ def test_batched_acquisitions_keep_tokens_and_fall_back_on_contention(zk, namesp
         leases.close()
 
 
+def test_releases_of_a_turn_ride_with_its_creates_and_fall_apart_on_contention(
+        zk, namespace, observer):
+    """A holder's end and the next task's start cost ZooKeeper one write; when
+    the multi cannot apply (a key held elsewhere) the release still happens."""
+    scheduled = []
+    leases = ZooKeeperLeases(zk.hosts, namespace, session_timeout=4, schedule=scheduled.append)
+    leases.start()
+    try:
+        assert wait_for(lambda: leases.connected and leases._clock is not None)
+
+        def turn(*keys):
+            answers, done = [], threading.Event()
+
+            def cb(outcome, lease, exc):
+                answers.append((outcome, lease))
+                if len(answers) == len(keys):
+                    done.set()
+            for key in keys:
+                leases.acquire(key, b'{}', cb)
+            return answers, done
+        answers, done = turn('r0', 'r1')
+        scheduled.pop()()
+        assert done.wait(10)
+        first = {lease.key: lease for _, lease in answers}
+        writes0 = leases.stats['create_batches'] + leases.stats['delete_batches']
+
+        # One turn: r0 ends (its key taken again at once) and r2 starts.
+        assert leases.release(first['r0'], with_turn=True)
+        answers, done = turn('r0', 'r2')
+        assert len(scheduled) == 1, 'the release and the creates go out together'
+        scheduled.pop()()
+        assert done.wait(10)
+        assert sorted(o for o, _ in answers) == [LeaseOutcome.ACQUIRED] * 2, answers
+        assert leases.stats['deletes_with_creates'] == 1
+        assert leases.stats['create_batches'] + leases.stats['delete_batches'] == writes0 + 1
+        again = {lease.key: lease for _, lease in answers}
+        _, stat = observer.get(again['r0'].path)
+        assert stat.czxid == again['r0'].token > first['r0'].token
+
+        # r1 ends in a turn whose create meets a key held by someone else: the
+        # multi does nothing, so the release goes out alone and r1's node goes.
+        observer.create(leases.path_for('elsewhere'), b'', makepath=True)
+        assert leases.release(first['r1'], with_turn=True)
+        answers, done = turn('elsewhere')
+        scheduled.pop()()
+        assert done.wait(10)
+        assert answers[0][0] == LeaseOutcome.CONTENDED
+        assert wait_for(lambda: observer.exists(first['r1'].path) is None), 'release lost'
+        assert observer.exists(again['r0'].path) is not None
+
+        # A release asked for in a turn whose batch never runs (the consumer
+        # stopped) goes out when the holders pause.
+        assert leases.release(again['r2'], with_turn=True)
+        leases.creates.flush_deletes()
+        assert wait_for(lambda: observer.exists(again['r2'].path) is None)
+    finally:
+        leases.close()
+
+
 def test_a_next_slot_asked_for_under_a_session_given_up_is_not_created_on_the_next(
         make_leases, namespace):
     """A semaphore's next-slot create (or a batch fallback) runs on kazoo's thread
