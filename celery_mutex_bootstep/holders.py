@@ -79,7 +79,8 @@ class Holders:
         self._granted: Dict[Lease, Any] = {}   # lease -> request
         self._policy_of: Dict[Lease, MutexPolicy] = {}
         self._sweep_timer: Any = None
-        self._thread = threading.get_ident()  # the consumer's, set again on resume
+        # The consumer's thread while its loop runs (resume/pause); None: stopped.
+        self._thread: Optional[int] = threading.get_ident()
         self.stopper = HolderStopper(settings.on_session_loss)
         self.republisher = Republisher(consumer.app, self.post, self._republished)
 
@@ -356,7 +357,9 @@ class Holders:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
-        # Releases waiting for the end of a turn the stopped loop will not finish.
+        # From now on releases go out at once: the loop that would end the turn
+        # is stopped (warm shutdown: the pool's join reports ends on this thread).
+        self._thread = None
         self.leases.creates.flush_deletes()
         if reconnect and type(self.c.pool).__module__.endswith('.prefork'):
             # Whatever prefork forgot must not start, wherever it sits.

@@ -137,6 +137,26 @@ def test_no_lease_left_after_warm_shutdown_and_held_messages_go_back(scenario):
     assert overlaps(runs) == [] and len(runs) == 4
 
 
+def test_a_holder_ending_during_warm_shutdown_releases_its_key_at_once(scenario):
+    """The consumer's loop is stopped while the pool finishes its tasks: a release
+    must not wait for that loop (or for the worker's exit) to go out."""
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    short = s.send('work', 'ws-short', 1.0, 0)
+    s.send('work', 'ws-long', 8.0, 1)
+    wait_for(lambda: s.records.count('start') == 2, message='both holders started')
+    short_path = s.lease_path('work', 'ws-short')
+    long_path = s.lease_path('work', 'ws-long')
+    assert s.zk.exists(short_path) and s.zk.exists(long_path)
+    w.terminate()  # warm shutdown: the pool finishes what runs
+    assert short.get(timeout=20) == 0
+    wait_for(lambda: s.zk.exists(short_path) is None, timeout=5,
+             message='the short holder released its key while the worker still runs')
+    assert w.is_running() and s.zk.exists(long_path), 'the long holder still runs'
+    assert w.wait(timeout=30) == 0
+    assert s.lease_nodes() == []
+
+
 def test_zookeeper_down_at_start(scenario, zk_factory):
     s = scenario
     node = zk_factory(start=False)
