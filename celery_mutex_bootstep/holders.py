@@ -195,6 +195,22 @@ class Holders:
         self._sweep_timer = None
         if not self._granted:
             return
+        self._kill_overruns()
+        self._sweep_timer = self.inbox.later(_SWEEP_EVERY, self._sweep_overruns)
+
+    def _sweep_at_shutdown(self) -> None:
+        """Warm shutdown: the consumer's loop (and its timer) stopped while the
+        pool finishes its tasks, so a thread of its own keeps ``mutex_timeout``."""
+        def sweep() -> None:
+            while self._granted and self._thread is None:
+                try:
+                    self._kill_overruns()
+                except Exception:
+                    logger.exception('mutex: overrun sweep at shutdown failed')
+                time.sleep(_SWEEP_EVERY)
+        threading.Thread(target=sweep, name='mutex-overruns', daemon=True).start()
+
+    def _kill_overruns(self) -> None:
         # Durations on the monotonic clock: an NTP step must not kill holders.
         now = time.monotonic()
         for lease, req in list(self._granted.items()):
@@ -205,7 +221,6 @@ class Holders:
                     and not req.__dict__.get('_mutex_overran')):
                 req._mutex_overran = True
                 self._overran(req, lease, policy)
-        self._sweep_timer = self.inbox.later(_SWEEP_EVERY, self._sweep_overruns)
 
     def _overran(self, req: Any, lease: Lease, policy: MutexPolicy) -> None:
         pid = getattr(req, 'worker_pid', None)
@@ -361,6 +376,8 @@ class Holders:
         # is stopped (warm shutdown: the pool's join reports ends on this thread).
         self._thread = None
         self.leases.creates.flush_deletes()
+        if not reconnect and self._granted:
+            self._sweep_at_shutdown()
         if reconnect and type(self.c.pool).__module__.endswith('.prefork'):
             # Whatever prefork forgot must not start, wherever it sits.
             self.leases.deadline.validity.next_epoch()

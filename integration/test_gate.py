@@ -157,6 +157,20 @@ def test_a_holder_ending_during_warm_shutdown_releases_its_key_at_once(scenario)
     assert s.lease_nodes() == []
 
 
+def test_mutex_timeout_still_holds_during_warm_shutdown(scenario):
+    """Warm shutdown waits for running tasks with the consumer's loop stopped: a
+    holder past its mutex_timeout is still killed, not left running to its end."""
+    s = scenario
+    w = s.worker('w1', concurrency=2)
+    s.send('overrun', 'ws-over', 30.0)  # mutex_timeout=1.5
+    wait_for(lambda: s.records.count('start') == 1, message='the holder started')
+    w.terminate()
+    assert w.wait(timeout=25) == 0, 'the overrunning holder was killed; the worker exited'
+    assert 'overran its mutex_timeout' in w.log_text()
+    assert s.records.count('end') == 0, 'the holder never ran to its end'
+    assert s.lease_nodes() == []
+
+
 def test_zookeeper_down_at_start(scenario, zk_factory):
     s = scenario
     node = zk_factory(start=False)
