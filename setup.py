@@ -29,7 +29,7 @@ setup(
     extras_require={
         'prometheus': ['prometheus-client>=0.16'],
         'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4',
-                 'prometheus-client>=0.16', 'psutil>=5.9'],
+                 'prometheus-client>=0.16', 'psutil>=6.0'],
     },
     classifiers=[
         'Framework :: Celery',
