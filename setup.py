@@ -28,8 +28,11 @@ setup(
     },
     extras_require={
         'prometheus': ['prometheus-client>=0.16'],
+        # `make demo` (examples/): the timeline picture, its records in Redis, its workers
+        'demo': ['matplotlib>=3.5', 'redis>=4.5', 'psutil>=6.0'],
         'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4',
-                 'prometheus-client>=0.16', 'psutil>=6.0'],
+                 'prometheus-client>=0.16', 'psutil>=6.0',
+                 'matplotlib>=3.5'],  # the demo's picture is tested too
     },
     classifiers=[
         'Framework :: Celery',
