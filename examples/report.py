@@ -2,6 +2,7 @@
 the workers' consumers recorded in Redis (see :mod:`examples.demoapp`)."""
 import collections
 import statistics
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from celery_mutex_bootstep.testing.records import by_key, overlaps
 from examples.timeline import letters_for, plot_runs, text_timeline
@@ -14,7 +15,7 @@ def say(*parts):
     print(*parts, flush=True)
 
 
-def max_concurrency(executions, now=None):
+def max_concurrency(executions: Sequence, now: Optional[float] = None) -> int:
     """Largest number of executions running at one instant (ends before starts on ties)."""
     end_default = now if now is not None else float('inf')
     events = []
@@ -29,7 +30,7 @@ def max_concurrency(executions, now=None):
     return best
 
 
-def wasted(executions):
+def wasted(executions: Sequence) -> Tuple[int, list, int]:
     """Executions that did no useful work: never finished, or a second run of one task."""
     unfinished = [e for e in executions if e.end is None]
     finished = collections.Counter(e.id for e in executions if e.end is not None)
@@ -37,7 +38,7 @@ def wasted(executions):
     return len(unfinished) + duplicates, unfinished, duplicates
 
 
-def token_order_violations(executions):
+def token_order_violations(executions: Sequence) -> list:
     """Keys whose fencing tokens do not grow with the start time of their executions."""
     bad = []
     for key, runs in by_key(executions).items():
@@ -47,7 +48,7 @@ def token_order_violations(executions):
     return bad
 
 
-def received_times(raw, executions):
+def received_times(raw: Sequence[dict], executions: Sequence) -> Dict[str, float]:
     """Task id -> when the worker that ran it last received its message before the
     start (a message handed back to the broker is received again, maybe elsewhere)."""
     received = collections.defaultdict(list)
@@ -80,7 +81,7 @@ class _Outcome:
                                    {w.nodename: w.letter for w in run.workers})
 
 
-def report(runs, size, concurrency, out):
+def report(runs: Sequence, size: dict, concurrency: int, out: str) -> List[str]:
     """Print the summary and the timelines, draw the picture; return the problems found
     in the guarded run (empty: the demo passed)."""
     guarded, unguarded = (_Outcome(run) for run in runs)

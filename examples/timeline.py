@@ -15,6 +15,7 @@ after its worker received it (pale), then its run (in its worker's colour), over
 runs of one key in red; one panel per run, e.g. without and with the step.
 """
 import re
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ['letters_for', 'overlap_intervals', 'plot_runs', 'text_timeline']
 
@@ -29,7 +30,8 @@ def _natural(key):
                      for p in re.split(r'(\d+)', str(key)) if p))
 
 
-def letters_for(executions, letters=None):
+def letters_for(executions: Iterable, letters: Optional[Mapping[str, str]] = None
+                ) -> Dict[str, str]:
     """Worker -> letter: the given mapping, then A, B, C... by sorted worker name."""
     out = dict(letters or {})
     free = (c for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' if c not in out.values())
@@ -76,7 +78,9 @@ def _cells(start, end, t0, scale, limit):
 
 # --------------------------------------------------------------------------- text
 
-def text_timeline(executions, width=70, *, letters=None, label_width=None):
+def text_timeline(executions: Iterable, width: int = 70, *,
+                  letters: Optional[Mapping[str, str]] = None,
+                  label_width: Optional[int] = None) -> str:
     """One row per key, ``width`` columns of time; see the module docstring."""
     executions = list(executions)
     if not executions:
@@ -153,8 +157,8 @@ OVERLAP_COLOR = '#d62728'   # red: two runs of one key at the same time
 WORKER_COLORS = ('#1f77b4', '#2ca02c', '#9467bd', '#8c564b')  # no red, no orange-red
 
 
-def overlap_intervals(executions):
-    """execution -> [(start, end), ...] of the times it ran alongside another run of
+def overlap_intervals(executions: Sequence) -> Dict[int, List[Tuple[float, float]]]:
+    """id(execution) -> [(start, end), ...] of the times it ran alongside another run of
     its key (both runs of every overlapping pair get the interval)."""
     out = {}
     for runs in _rows(executions).values():
@@ -167,7 +171,9 @@ def overlap_intervals(executions):
     return out
 
 
-def plot_runs(panels, path, *, letters=None, title=None, waits=None):
+def plot_runs(panels: Sequence[Tuple[str, Sequence, float]], path: str, *,
+              letters: Optional[Mapping[str, str]] = None, title: Optional[str] = None,
+              waits: Optional[Mapping[str, float]] = None) -> Tuple[int, int]:
     """Write a PNG with one panel per ``(heading, executions, t0)`` in *panels*.
 
     Each task gets a row, tasks grouped by key and ordered by start within a key, so
