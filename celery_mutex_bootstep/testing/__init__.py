@@ -14,6 +14,8 @@ test session. :class:`ZooKeeperEnsemble` runs several servers as one quorum.
 Needs Java and Debian's ``zookeeper`` package (``apt-get install zookeeper``), or the
 ``JAVA`` / ``ZOOKEEPER_CLASSPATH`` environment variables pointing at another install.
 """
+from __future__ import annotations
+
 import contextlib
 from typing import Iterator
 

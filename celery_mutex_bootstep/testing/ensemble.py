@@ -1,5 +1,7 @@
 """Several private ZooKeeper servers on 127.0.0.1 forming one quorum."""
 
+from __future__ import annotations
+
 import os
 import shutil
 import signal

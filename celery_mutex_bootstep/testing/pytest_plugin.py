@@ -8,6 +8,8 @@ stops or pauses it gets it back serving for the next test.
 Without the entry point (``-p no:celery_mutex_bootstep``), list this module in
 ``pytest_plugins = ['celery_mutex_bootstep.testing.pytest_plugin']`` in a conftest.py.
 """
+from __future__ import annotations
+
 from typing import Iterator
 
 import pytest

@@ -9,6 +9,8 @@ The tasks append one JSON object at the start and one at the end of every execut
 and a test (or the demo) reads them back with :class:`Records` and asks :func:`overlaps`
 whether two executions of one key ever ran at once. Needs the ``redis`` package.
 """
+from __future__ import annotations
+
 import collections
 import json
 from dataclasses import dataclass

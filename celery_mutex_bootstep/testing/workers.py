@@ -17,6 +17,8 @@ Every worker started here that still runs when this Python process exits is kill
 Listing a worker's processes needs psutil (the ``test`` and ``demo`` extras).
 """
 
+from __future__ import annotations
+
 import atexit
 import os
 import re

@@ -23,6 +23,8 @@ Only the standard library is used. Environment overrides: ``JAVA`` (java binary)
 ``ZOOKEEPER_CLASSPATH`` (the whole ``-cp`` value), ``ZKSERVER_NO_PDEATHSIG=1``.
 """
 
+from __future__ import annotations
+
 import atexit
 import os
 import re
