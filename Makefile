@@ -5,6 +5,8 @@ PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+# The demo extra (matplotlib...) on top: only `make demo` needs it.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: all install zookeeper venv test unit compat demo bench chaos clean
 
@@ -23,6 +25,11 @@ $(STAMP): setup.py
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+# After $(STAMP), which may have just rebuilt the virtualenv; setup.py may change the extra.
+$(DEMO_STAMP): $(STAMP) setup.py
+	$(VENV)/bin/pip install -q -e '.[test,demo]'
+	touch $@
+
 test: install
 	$(PY) -m pytest -q tests integration
 
@@ -35,8 +42,10 @@ compat: install
 unit: venv
 	$(PY) -m pytest -q tests
 
-demo: install
-	$(PY) -m integration.demo
+# The local RabbitMQ and Redis are started first when they do not run (and left running).
+demo: install $(DEMO_STAMP)
+	$(PY) -c 'from integration import brokers; brokers.ensure_rabbitmq(); brokers.ensure_redis()'
+	$(PY) -m examples.demo
 
 # `make bench CELERY=5.5.3` runs them on that compat virtualenv (`make compat` builds it);
 # BENCH_ARGS=--quick for the smoke run.

@@ -23,11 +23,16 @@ setup(
     ],
     entry_points={
         'celery.commands': ['mutex = celery_mutex_bootstep.command:mutex'],
+        # the mutex_zookeeper fixture (celery_mutex_bootstep.testing)
+        'pytest11': ['celery_mutex_bootstep = celery_mutex_bootstep.testing.pytest_plugin'],
     },
     extras_require={
         'prometheus': ['prometheus-client>=0.16'],
+        # `make demo` (examples/): the timeline picture, its records in Redis, its workers
+        'demo': ['matplotlib>=3.5', 'redis>=4.5', 'psutil>=6.0'],
         'test': ['pytest>=7', 'hypothesis>=6', 'redis>=4.5', 'pyyaml>=5.4',
-                 'prometheus-client>=0.16'],
+                 'prometheus-client>=0.16', 'psutil>=6.0',
+                 'matplotlib>=3.5'],  # the demo's picture is tested too
     },
     classifiers=[
         'Framework :: Celery',

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmark rows: CPU from /proc, medians and
+"""Measurement helpers shared by the benchmark rows: CPU (psutil), medians and
 percentiles, number formatting, the runner's log and the report's section marker."""
 import math
 import os
@@ -6,7 +6,11 @@ import statistics
 import sys
 import time
 
+import psutil
+
+# the kernel's CPU accounting tick: the smallest CPU time a process can be charged
 CLK_TCK = os.sysconf('SC_CLK_TCK')
+
 
 # a row of the report that is a section header, not a metric
 SECTION = object()
@@ -20,59 +24,38 @@ def log(msg):
     print('[bench %s] %s' % (time.strftime('%H:%M:%S'), msg), file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- /proc
-
-def _stat_fields(pid):
-    try:
-        with open('/proc/%d/stat' % pid, 'rb') as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b')') + 2:].split()
-
+# --------------------------------------------------------------------------- CPU (psutil)
 
 def proc_cpu(pid, with_children=False):
-    """utime+stime (plus cutime+cstime) of *pid* in seconds; 0.0 if it is gone."""
-    f = _stat_fields(pid)
-    if f is None:
+    """utime+stime (plus those of reaped children) of *pid* in seconds; 0.0 if it is gone."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    ticks = int(f[11]) + int(f[12])
+    total = t.user + t.system
     if with_children:
-        ticks += int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+        total += t.children_user + t.children_system
+    return total
 
 
 def thread_cpu(pid, tid):
     """utime+stime of one thread of *pid* in seconds; 0.0 if it is gone."""
     try:
-        with open('/proc/%d/task/%d/stat' % (pid, tid), 'rb') as f:
-            data = f.read()
-    except OSError:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
         return 0.0
-    fields = data[data.rfind(b')') + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return next((t.user_time + t.system_time for t in threads if t.id == tid), 0.0)
 
 
 def machine_cpu():
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
-    with open('/proc/stat', encoding='ascii') as f:
-        parts = f.readline().split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    """Busy CPU seconds of the whole machine (all cores)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
 
 
 def pids_named(*names):
-    """Pids whose /proc/<pid>/comm is one of *names* (e.g. the broker's)."""
-    out = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/comm' % entry, encoding='utf-8') as f:
-                    if f.read().strip() in names:
-                        out.append(int(entry))
-            except OSError:
-                pass
-    return out
+    """Pids of the processes named one of *names* (e.g. the broker's)."""
+    return [p.pid for p in psutil.process_iter(['name']) if p.info['name'] in names]
 
 
 def tree_cpu(worker):

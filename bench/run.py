@@ -27,6 +27,7 @@ import uuid
 from collections import Counter
 from importlib import metadata
 
+import psutil
 import redis
 from celery import Celery
 from kazoo.client import KazooClient
@@ -729,20 +730,15 @@ class Bench:
 
 def machine_info(versions):
     model = '?'
-    mem = '?'
     try:
         with open('/proc/cpuinfo', encoding='utf-8') as f:
             for line in f:
                 if line.startswith('model name'):
                     model = line.split(':', 1)[1].strip()
                     break
-        with open('/proc/meminfo', encoding='utf-8') as f:
-            for line in f:
-                if line.startswith('MemTotal:'):
-                    mem = '%.0f GiB' % (int(line.split()[1]) / 1024 / 1024)
-                    break
-    except OSError:
+    except OSError:  # the model name is only in /proc/cpuinfo (psutil does not give it)
         pass
+    mem = '%.0f GiB' % (psutil.virtual_memory().total / 1024 ** 3)
     cores = os.cpu_count()
     try:
         usable = len(os.sched_getaffinity(0))

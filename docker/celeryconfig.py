@@ -1,4 +1,4 @@
-"""Celery settings the compose file adds to the demo app (integration/demoapp.py).
+"""Celery settings the compose file adds to the demo app (examples/demoapp.py).
 
 Every container of the app has ``CELERY_CONFIG_MODULE=celeryconfig`` in its
 environment and this file as ``/app/celeryconfig.py`` (docker/Dockerfile), so
@@ -41,6 +41,6 @@ task_queues = [
 # x-delivery-limit above).
 mutex_republish_after = 10
 
-# Where `celery -A integration.demoapp mutex list|status` finds ZooKeeper. The
+# Where `celery -A examples.demoapp mutex list|status` finds ZooKeeper. The
 # workers get the same list with --mutex-hosts in docker-compose.yml.
 mutex_hosts = 'zk1:2181,zk2:2181,zk3:2181'

@@ -6,7 +6,7 @@ missing: root and a reachable Debian mirror are needed for that) and record it i
 ``STARTED``, so that the caller can undo exactly what it did with ``stop_started()``.
 A service that already ran is never stopped by this module.
 
-Only the standard library is used; no systemd is assumed.
+No systemd is assumed; processes are listed with psutil.
 """
 
 import os
@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import time
+
+import psutil
 
 __all__ = [
     'RABBITMQ_URL',
@@ -71,16 +73,7 @@ def _apt_install(package):
 
 
 def _epmd_pids():
-    pids = set()
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/comm' % entry, encoding='utf-8') as f:
-                    if f.read().strip() == 'epmd':
-                        pids.add(int(entry))
-            except OSError:
-                pass
-    return pids
+    return {p.pid for p in psutil.process_iter(['name']) if p.info['name'] == 'epmd'}
 
 
 # --------------------------------------------------------------------------- RabbitMQ

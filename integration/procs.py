@@ -1,10 +1,11 @@
-"""Is a process running? Asked of ``ps``, not of the product's own
+"""Is a process running? Asked of psutil, not of the product's own
 ``process_alive``, so a bug there cannot vouch for itself."""
-import subprocess
+import psutil
 
 
 def running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (a zombie runs no code)."""
-    out = subprocess.run(['ps', '-o', 'stat=', '-p', str(pid)],
-                         capture_output=True, text=True).stdout.strip()
-    return bool(out) and not out.startswith(('Z', 'X'))
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False

@@ -1,17 +1,14 @@
-"""``make demo`` end to end (quick workload), and the timeline drawings on synthetic data."""
+"""``make demo`` end to end (quick workload), and the timelines on synthetic data."""
 import os
 import re
-import struct
 import subprocess
 import sys
 
-from integration.demo import QUICK, max_concurrency, wasted
-from integration.records import Execution
-from integration.timeline import (OVERLAP, PALETTE, png_size, png_timeline, read_png,
-                                  text_timeline)
+from celery_mutex_bootstep.testing.records import Execution
+from examples.demo import QUICK
+from examples.report import max_concurrency, received_times, wasted
+from examples.timeline import OVERLAP_COLOR, overlap_intervals, plot_runs, text_timeline
 from integration.workers import REPO_ROOT
-
-PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 def ex(id, key, worker, start, end):
@@ -22,30 +19,40 @@ def ex(id, key, worker, start, end):
 
 def test_quick_demo_runs_clean(tmp_path):
     out = tmp_path / 't.png'
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)  # examples/ imports without the test harness on the path
     proc = subprocess.run(
-        [sys.executable, '-m', 'integration.demo', '--quick', '--out', str(out)],
-        cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        [sys.executable, '-m', 'examples.demo', '--quick', '--out', str(out)],
+        cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, timeout=180)
     text = proc.stdout.decode('utf-8', 'replace')
     assert proc.returncode == 0, text
     n_tasks = QUICK['accounts'] * QUICK['per_account']
-    assert re.search(r'^tasks published:\s+%d$' % n_tasks, text, re.M), text
-    assert re.search(r'^executions:\s+%d ' % n_tasks, text, re.M), text
-    assert re.search(r'^overlaps:\s+0 ', text, re.M), text
+    assert re.search(r'^tasks:\s+%d ' % n_tasks, text, re.M), text
+    prevented = re.search(r'^overlaps prevented:\s+(\d+) ', text, re.M)
+    assert prevented and int(prevented.group(1)) > 0, text  # the contrast run overlapped
+    assert re.search(r'^overlaps:\s+0 \(with the step\)$', text, re.M), text
     assert re.search(r'^wasted executions:\s+0$', text, re.M), text
     assert re.search(r'^lost tasks:\s+0$', text, re.M), text
+    assert re.search(r'^time:\s+\d+\.\d s with the step, \d+\.\d s without', text, re.M), text
     assert re.search(r'^\[\s*\d+\.\ds\] done +\d+/%d' % n_tasks, text, re.M), text  # progress
     assert 'demo OK' in text
-    # one text timeline row per account
-    rows = re.findall(r'^\s*(acct-\d+) \|(.*)\|$', text, re.M)
-    assert sorted(k for k, _ in rows) == ['acct-%d' % (i + 1) for i in range(QUICK['accounts'])]
-    assert sum(sum(c.isupper() for c in row) for _, row in rows) == n_tasks
+    # a text timeline row per account, for each run; one upper-case letter per execution
+    guarded, _, unguarded = text.partition('without the step ("!"')
+    for part, overlaps_expected in ((guarded, False), (unguarded, True)):
+        rows = re.findall(r'^\s*(acct-\d+) \|(.*)\|$', part, re.M)
+        assert sorted(k for k, _ in rows) == ['acct-%d' % (i + 1)
+                                              for i in range(QUICK['accounts'])], part
+        assert ('!' in ''.join(r for _, r in rows)) == overlaps_expected, part
+    assert sum(c.isupper() for _, row in re.findall(r'^\s*(acct-\d+) \|(.*)\|$', guarded, re.M)
+               for c in row) == n_tasks
 
-    data = out.read_bytes()
-    assert data.startswith(PNG_SIGNATURE)
-    width, height = struct.unpack('>II', data[16:24])  # IHDR follows the signature
-    assert (width, height) == png_size(QUICK['accounts'])
-    assert '(%dx%d;' % (width, height) in text
+    import matplotlib.image
+    pixels = matplotlib.image.imread(str(out))
+    size = re.search(r'^picture: .* \((\d+)x(\d+)\)$', text, re.M)
+    assert size and (pixels.shape[1], pixels.shape[0]) == (int(size.group(1)),
+                                                           int(size.group(2)))
+    assert _has_color(pixels, OVERLAP_COLOR)  # the contrast run's overlaps are drawn red
 
 
 # --------------------------------------------------------------------------- drawings
@@ -60,7 +67,7 @@ def synthetic():
         ex('1', 'acct-1', a, 100.0, 100.5),
         ex('2', 'acct-1', a, 100.5, 101.0),       # same worker, no gap at all
         ex('3', 'acct-1', b, 101.0, 101.3),       # other worker, no gap
-        ex('4', 'acct-1', a, 101.3001, 101.302),  # shorter than a pixel
+        ex('4', 'acct-1', a, 101.3001, 101.302),  # very short
         ex('5', 'acct-1', b, 101.31, 102.0),
         ex('6', 'acct-2', b, 100.2, 100.9),
         ex('7', 'acct-2', b, 101.5, 103.0),
@@ -68,63 +75,44 @@ def synthetic():
     ]
 
 
-def bar_runs(row, colors):
-    """Maximal runs of bar-coloured pixels in a pixel row: (x0, x1, colour)."""
-    runs, x = [], 0
-    while x < len(row):
-        if row[x] in colors:
-            x0 = x
-            while x < len(row) and row[x] == row[x0]:
-                x += 1
-            runs.append((x0, x, row[x0]))
-        else:
-            x += 1
-    return runs
+def _has_color(pixels, hex_color):
+    rgb = tuple(int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    diff = abs(pixels[:, :, :3] - rgb).max(axis=2)
+    return bool((diff < 0.02).any())
 
 
-def test_png_bars_do_not_touch(tmp_path):
-    path = tmp_path / 'synthetic.png'
-    executions = synthetic()
-    layout = png_timeline(executions, str(path))
-    width, height, pixels = read_png(str(path))
-    assert (width, height) == png_size(3) == (layout['width'], layout['height'])
-    assert list(layout['rows']) == ['acct-1', 'acct-2', 'acct-10']
-    colors = set(PALETTE) | {OVERLAP}
-    assert layout['colors'] == {WORKERS[0]: PALETTE[0], WORKERS[1]: PALETTE[1]}
-    for key, (y0, y1) in layout['rows'].items():
-        runs_of_key = sorted((e for e in executions if e.key == key), key=lambda e: e.start)
-        expected = [layout['colors'][e.worker] for e in runs_of_key]
-        for y in range(y0, y1):
-            runs = bar_runs(pixels[y], colors)
-            # one run per execution, in order, each in its worker's colour:
-            # consecutive bars are separated by at least one non-bar pixel
-            assert [c for _, _, c in runs] == expected, (key, y, runs)
-            for (_, a_end, _), (b_start, _, _) in zip(runs, runs[1:]):
-                assert b_start > a_end
-        # nothing bar-coloured just above or below the band
-        assert not bar_runs(pixels[y0 - 1], colors) and not bar_runs(pixels[y1], colors)
-    assert OVERLAP not in {p for row in pixels for p in row}
-
-
-def test_png_marks_overlaps_in_red(tmp_path):
+def test_overlap_intervals_only_where_runs_of_one_key_intersect():
     a, b = WORKERS
-    path = tmp_path / 'overlap.png'
-    layout = png_timeline([ex('1', 'k', a, 0.0, 2.0), ex('2', 'k', b, 1.0, 3.0)], str(path))
-    _, _, pixels = read_png(str(path))
-    y0, y1 = layout['rows']['k']
-    row = pixels[(y0 + y1) // 2]
-    red = [x for x, p in enumerate(row) if p == OVERLAP]
-    assert red and red == list(range(red[0], red[-1] + 1))
-    plot = [x for x, p in enumerate(row) if p in set(PALETTE) | {OVERLAP}]
-    span = plot[-1] - plot[0]
-    assert abs((red[-1] - red[0]) - span / 3) <= 3  # the middle third overlaps
+    back_to_back = synthetic()
+    assert overlap_intervals(back_to_back) == {}
+    x, y, z = ex('1', 'k', a, 0.0, 2.0), ex('2', 'k', b, 1.0, 3.0), ex('3', 'j', a, 0.5, 2.5)
+    found = overlap_intervals([x, y, z])
+    assert found == {id(x): [(1.0, 2.0)], id(y): [(1.0, 2.0)]}
 
 
-def test_png_without_executions(tmp_path):
-    path = tmp_path / 'empty.png'
-    png_timeline([], str(path))
-    width, height, _ = read_png(str(path))
-    assert (width, height) == png_size(0)
+def test_picture_red_only_with_overlaps(tmp_path):
+    import matplotlib.image
+    a, b = WORKERS
+    clean, overlapping = tmp_path / 'clean.png', tmp_path / 'overlap.png'
+    waits = {'6': 99.5}  # task 6 waited 0.7 s after its worker received it
+    width, height = plot_runs([('clean', synthetic(), 99.0)], str(clean), waits=waits)
+    pixels = matplotlib.image.imread(str(clean))
+    assert (pixels.shape[1], pixels.shape[0]) == (width, height)
+    assert not _has_color(pixels, OVERLAP_COLOR)
+    plot_runs([('clean', synthetic(), 99.0),
+               ('overlap', [ex('1', 'k', a, 0.0, 2.0), ex('2', 'k', b, 1.0, 3.0)], 0.0)],
+              str(overlapping))
+    assert _has_color(matplotlib.image.imread(str(overlapping)), OVERLAP_COLOR)
+
+
+def test_received_times_take_the_last_delivery_to_the_worker_that_ran_it():
+    a, b = WORKERS
+    runs = [ex('1', 'x', a, 10.0, 11.0), ex('2', 'x', b, 11.0, 12.0), ex('3', 'y', a, 5, 6)]
+    raw = [{'phase': 'received', 'id': '1', 't': 9.0, 'worker': a},
+           {'phase': 'received', 'id': '2', 't': 9.5, 'worker': a},   # handed back...
+           {'phase': 'received', 'id': '2', 't': 10.5, 'worker': b},  # ...run on b
+           {'phase': 'received', 'id': '2', 't': 11.5, 'worker': b}]  # after the start
+    assert received_times(raw, runs) == {'1': 9.0, '2': 10.5}
 
 
 def test_text_timeline_rows_and_letters():
@@ -165,13 +153,18 @@ def test_counting_helpers():
     assert wasted(runs)[0] == 2         # a duplicate run of task 3 and an unfinished one
 
 
-def test_demoapp_names_and_workload():
-    env = dict(os.environ, DEMO_QUEUE='q-x', DEMO_BROKER='memory://')
-    code = ('from integration import demoapp as d; '
-            'print(d.QUEUE, d.sync_account.name, d.sync_account.mutex_keys, '
+def test_demoapp_names_workload_and_unguarded_mode():
+    code = ('from examples import demoapp as d; '
+            'print(d.QUEUE, d.sync_account.name, d.sync_account.mutex_keys, d.GUARDED, '
+            '"MutexStep" in {s.__name__ for s in d.app.steps["consumer"]}, '
             'len(d.workload(5, 8, seed=1)), sorted(set(a for a, _ in d.workload(3, 2))))')
-    out = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    assert out.returncode == 0, out.stdout
-    assert out.stdout.decode().split('\n')[0] == \
-        "q-x demo.sync_account ('account',) 40 ['acct-1', 'acct-2', 'acct-3']"
+    for unguarded, expected in (('0', 'True True'), ('1', 'False False')):
+        env = dict(os.environ, DEMO_QUEUE='q-x', DEMO_BROKER='memory://',
+                   DEMO_UNGUARDED=unguarded)
+        env.pop('PYTHONPATH', None)
+        out = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert out.returncode == 0, out.stdout
+        assert out.stdout.decode().split('\n')[0] == (
+            "q-x demo.sync_account ('account',) %s 40 ['acct-1', 'acct-2', 'acct-3']"
+            % expected)

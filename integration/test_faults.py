@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional
 
+import psutil
 import pytest
 from kazoo.client import KazooClient
 
@@ -40,27 +41,16 @@ def session_args(timeout=SESSION_TIMEOUT):
 
 def _alive(pid: int) -> bool:
     try:
-        with open(f'/proc/{pid}/stat', 'rb') as f:
-            stat = f.read()
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    state = stat[stat.rfind(b')') + 2:stat.rfind(b')') + 3]
-    return state not in (b'Z', b'X', b'x', b'')
 
 
 def _children(pid: int) -> List[int]:
-    out: List[int] = []
     try:
-        tids = os.listdir(f'/proc/{pid}/task')
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f'/proc/{pid}/task/{tid}/children') as f:
-                out.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            pass
-    return out
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 class ProcessWatch:
@@ -261,32 +251,12 @@ def lease_stats(hosts, paths):
 
 def amqp_local_ports(pid: int, broker_port: int = BROKER_PORT) -> List[int]:
     """Local ports of the established TCP connections of ``pid`` to the broker."""
-    inodes = set()
     try:
-        fds = os.listdir(f'/proc/{pid}/fd')
-    except OSError:
+        conns = psutil.Process(pid).net_connections(kind='tcp')
+    except psutil.NoSuchProcess:
         return []
-    for fd in fds:
-        try:
-            link = os.readlink(f'/proc/{pid}/fd/{fd}')
-        except OSError:
-            continue
-        if link.startswith('socket:['):
-            inodes.add(link[8:-1])
-    ports = []
-    for table in ('tcp', 'tcp6'):
-        try:
-            with open(f'/proc/{pid}/net/{table}') as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
-            if (inode in inodes and state == '01'
-                    and int(remote.rsplit(':', 1)[1], 16) == broker_port):
-                ports.append(int(local.rsplit(':', 1)[1], 16))
-    return ports
+    return [c.laddr.port for c in conns
+            if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == broker_port]
 
 
 def close_broker_connections(worker) -> int:

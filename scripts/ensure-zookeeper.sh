@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install Debian's ZooKeeper (server jar + Java) if it is missing. Idempotent; quiet on
-# success. The tests run their own private ZooKeeper JVMs (integration/zkserver.py);
+# success. The tests run their own private ZooKeeper JVMs (celery_mutex_bootstep/testing/);
 # this script never starts or configures a server.
 set -eu
 

@@ -107,7 +107,7 @@ def test_expected_services_and_images(services):
     # queues RabbitMQ 4.3 refuses), with the app: `celery -A ... flower`.
     flower = services[flower_service(services)]
     assert flower['image'] == app_image(services)
-    assert command_of(flower)[:3] == ['celery', '-A', 'integration.demoapp']
+    assert command_of(flower)[:3] == ['celery', '-A', 'examples.demoapp']
 
 
 def parse_zoo_servers(value):
@@ -195,7 +195,7 @@ def test_workers_name_all_zookeeper_nodes(services):
     zk = zookeeper_services(services)
     for name, service in worker_services(services).items():
         cmd = command_of(service)
-        assert cmd[:4] == ['celery', '-A', 'integration.demoapp', 'worker'], (name, cmd)
+        assert cmd[:4] == ['celery', '-A', 'examples.demoapp', 'worker'], (name, cmd)
         assert cmd.count('--mutex-hosts') == 1, (name, cmd)
         hosts = cmd[cmd.index('--mutex-hosts') + 1]
         entries = hosts.split('/')[0].split(',')
@@ -391,7 +391,7 @@ def test_one_image_for_every_worker(services):
     # every container of the app (workers, client, Flower) runs that image
     for name, service in services.items():
         cmd = command_of(service)
-        if 'integration.demoapp' in cmd:
+        if 'examples.demoapp' in cmd:
             assert service.get('image') == image, name
 
 

@@ -1,13 +1,15 @@
 """The demo's Celery app: one guarded task that records each of its executions.
 
-    celery -A integration.demoapp worker --mutex-hosts zk1:2181,zk2:2181,zk3:2181
+    celery -A examples.demoapp worker --mutex-hosts zk1:2181,zk2:2181,zk3:2181
 
 ``sync_account(account, duration)`` holds the mutex of its ``account``: two
 calls for one account never run at once, on any worker. Every execution
 appends a start and an end record (JSON: times, worker, pid, fencing token,
-whether its message had been redelivered) to a Redis list, so that
-``integration.demo`` (or ``python -m integration.demoapp report``) can check
-from what actually ran that no two executions of one account overlapped.
+whether its message had been redelivered) to a Redis list, and the worker's
+consumer appends a ``received`` record for every delivery, so that
+``examples.demo`` (or ``python -m examples.demoapp report``) can check from what
+actually ran that no two executions of one account overlapped, and show how
+long each task waited after its worker received it.
 
 Everything is configured by environment variables (defaults: the local
 services ``make demo`` uses; docker/docker-compose.yml points them at its
@@ -20,11 +22,13 @@ services):
 ``DEMO_QUEUE``           mutex-demo
 ``DEMO_NAMESPACE``       /celery-mutex-demo         (lease znodes)
 ``DEMO_LOG_CONTENDED``   1: log each contended delivery (the gate's DEBUG line)
+``DEMO_UNGUARDED``       1: leave the step out (the demo's contrast run: the same
+                         tasks, nothing stops two runs of one account at once)
 
 Publish a workload and read the outcome (e.g. inside a compose container)::
 
-    python -m integration.demoapp publish [--accounts 5] [--per-account 8]
-    python -m integration.demoapp report
+    python -m examples.demoapp publish [--accounts 5] [--per-account 8]
+    python -m examples.demoapp report
 """
 import json
 import logging
@@ -35,7 +39,7 @@ import time
 
 import redis
 from celery import Celery
-from celery.signals import after_setup_logger
+from celery.signals import after_setup_logger, task_received
 
 from celery_mutex_bootstep import install
 
@@ -44,6 +48,7 @@ BACKEND = os.environ.get('DEMO_BACKEND', 'redis://127.0.0.1:6379/4')
 RECORD_URL = os.environ.get('DEMO_RECORD_URL', BACKEND)
 RECORDS = os.environ.get('DEMO_RECORDS', 'mutex-demo:records')
 QUEUE = os.environ.get('DEMO_QUEUE', 'mutex-demo')
+GUARDED = os.environ.get('DEMO_UNGUARDED', '0') != '1'
 
 app = Celery('mutex-demo', broker=BROKER, backend=BACKEND)
 app.conf.update(
@@ -52,34 +57,49 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=3600,
 )
-install(app)  # the mutex step and the --mutex-hosts worker flag
+if GUARDED:
+    install(app)  # the mutex step and the --mutex-hosts worker flag
 
 
 @after_setup_logger.connect
 def _log_contended(logger=None, **kwargs):
     # The gate logs each contended delivery at DEBUG; show those lines even
-    # when the worker runs with -l INFO (the demo counts them).
-    if os.environ.get('DEMO_LOG_CONTENDED', '1') == '1':
+    # when the worker runs with -l INFO.
+    if GUARDED and os.environ.get('DEMO_LOG_CONTENDED', '1') == '1':
         logging.getLogger('celery_mutex_bootstep.gate').setLevel(logging.DEBUG)
 
 
 _redis = None
 
 
-def record(task, phase, account):
-    """Append one JSON record of this execution to the record list."""
+def _push(record):
     global _redis
     if _redis is None:
         _redis = redis.Redis.from_url(RECORD_URL)
+    _redis.rpush(RECORDS, json.dumps(record))
+
+
+@task_received.connect
+def _received(request=None, **kwargs):
+    # Sent by the worker's consumer (main process) for every delivery, before the
+    # step decides whether the task may run: from here to its start record the task
+    # waited for its account (or, without the step, for a free pool process).
+    if request is not None and request.task_name == sync_account.name:
+        _push({'phase': 'received', 'id': request.id, 't': time.time(),
+               'worker': request.hostname, 'pid': os.getpid()})
+
+
+def record(task, phase, account):
+    """Append one JSON record of this execution to the record list."""
     lease = getattr(task.request, 'mutex_lease', None) or {}
     delivery = task.request.delivery_info or {}
-    _redis.rpush(RECORDS, json.dumps({
+    _push({
         'phase': phase, 'task': task.name, 'id': task.request.id, 'key': account,
         't': time.time(), 'pid': os.getpid(), 'worker': task.request.hostname,
         'host': socket.gethostname(), 'token': lease.get('token'),
         'retries': task.request.retries,
         'redelivered': bool(delivery.get('redelivered')),
-    }))
+    })
 
 
 @app.task(bind=True, name='demo.sync_account', mutex_keys=('account',), mutex_timeout=30)
@@ -106,7 +126,7 @@ def workload(accounts=5, per_account=8, durations=(0.2, 0.5), seed=None):
 def _main(argv=None):
     import argparse
 
-    parser = argparse.ArgumentParser(prog='python -m integration.demoapp')
+    parser = argparse.ArgumentParser(prog='python -m examples.demoapp')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('publish', help='send a contended workload to the queue')
     p.add_argument('--accounts', type=int, default=5)
@@ -125,14 +145,10 @@ def _main(argv=None):
         print('published %d tasks on queue %s (%d accounts)' % (len(calls), QUEUE, args.accounts))
         return 0
 
-    from integration.records import Records, overlaps
-    from integration.timeline import text_timeline
+    from celery_mutex_bootstep.testing.records import Records, overlaps
+    from examples.timeline import text_timeline
 
-    class ReadOnlyRecords(Records):
-        def __init__(self, name, url):  # Records() would clear the list
-            self.name, self.redis = name, redis.Redis.from_url(url)
-
-    executions = ReadOnlyRecords(RECORDS, RECORD_URL).executions()
+    executions = Records(RECORDS, RECORD_URL, clear=False).executions()
     unfinished = [e for e in executions if e.end is None]
     found = overlaps(executions)
     print('executions: %d (unfinished: %d), distinct tasks: %d, overlaps: %d' % (
