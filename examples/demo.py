@@ -12,7 +12,8 @@ run (``DEMO_BROKER`` / ``DEMO_BACKEND``; ``make demo`` starts the local ones if 
 
 It prints progress once a second, a short summary computed from what the tasks recorded
 in Redis, a text timeline per account for each run, and draws both runs into a picture
-(``docs/demo.png`` or ``--out``).
+(``demo.png`` in the current directory, or ``--out``; the README's
+picture, ``docs/demo.png``, is one such run).
 
 Everything it started is stopped at the end, also on Ctrl-C, SIGTERM or an error. The
 exit status is 0 when, with the step, every task ran exactly once and no two executions
@@ -257,7 +258,7 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true',
                         help='a smaller workload (%d accounts x %d calls)' % (
                             QUICK['accounts'], QUICK['per_account']))
-    parser.add_argument('--out', default=os.path.join('docs', 'demo.png'),
+    parser.add_argument('--out', default='demo.png',
                         help='where to draw the timeline picture (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=None, help='seed of the shuffled workload')
     args = parser.parse_args(argv)
