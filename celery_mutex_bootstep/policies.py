@@ -10,7 +10,26 @@ from typing import Any, Dict, Optional
 from .exceptions import MutexConfigError
 from .options import MutexPolicy, MutexSettings, policy_for_task
 
-__all__ = ('MutexPolicies',)
+__all__ = ('MutexPolicies', 'check_combination')
+
+
+def check_combination(task: Any, policy: MutexPolicy, settings: MutexSettings) -> None:
+    """Refuse option combinations the gate cannot honour, naming task and option."""
+    def bad(problem: str) -> MutexConfigError:
+        return MutexConfigError(f'task {policy.task!r}: {problem}')
+
+    explicit_wait = getattr(task, 'mutex_wait_timeout', None) is not None
+    if policy.wait_timeout is not None and (explicit_wait or policy.contended != 'skip'):
+        if policy.contended == 'skip':
+            raise bad("option mutex_wait_timeout makes no sense with "
+                      "mutex_contended='skip' (a skipped call never waits)")
+        if not settings.park:
+            # Without parking a waiter cycles through its queue as the same
+            # message, which carries no record of when it first waited: the
+            # wait would restart on every delivery and never reach its deadline.
+            source = 'option' if explicit_wait else 'app config'
+            raise bad(f'{source} mutex_wait_timeout needs mutex_park=True (a requeued '
+                      f'message carries no record of how long it waited)')
 
 
 class MutexPolicies:
@@ -24,7 +43,9 @@ class MutexPolicies:
     def validate_all(self) -> None:
         """Check every registered task; raises MutexConfigError on a mistake."""
         for name, task in sorted(self.app.tasks.items()):
-            self._policies[name] = policy_for_task(task, self.settings)
+            self._policies[name] = policy = policy_for_task(task, self.settings)
+            if policy is not None:
+                check_combination(task, policy, self.settings)
         self._check_shared_names()
 
     def _check_shared_names(self) -> None:

@@ -1,0 +1,100 @@
+"""Ending a request with a stored result, without the consumer waiting on the
+result backend.
+
+Storing a result is a network call (Redis, a database...). The consumer thread
+must never wait on one, so the store runs on a thread of its own; once it is
+done the events are sent and the message is acknowledged back on the consumer
+thread (through the inbox). So a message is acked only after its outcome is
+recorded: a worker that dies in between leaves it unacknowledged and the
+broker delivers it again. A store that fails hands the message back to the
+broker (requeued), with an ERROR, rather than ending it unrecorded.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any, Callable, Deque, Optional, Sequence, Tuple
+
+from . import messages
+
+__all__ = ('Verdicts',)
+
+logger = logging.getLogger('celery_mutex_bootstep.gate')
+
+Event = Tuple[str, dict]
+
+
+class Verdicts:
+    def __init__(self, consumer: Any, post: Callable[..., None]) -> None:
+        self.c = consumer
+        self.post = post  # to the consumer thread, in order
+        self._jobs: Deque[tuple] = deque()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+
+    def end(self, req: Any, store: Callable[[], None], events: Sequence[Event]) -> None:
+        """Run ``store()`` off the consumer thread; then send ``events`` and ack."""
+        with self._cond:
+            self._jobs.append((req, store, tuple(events)))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name='mutex-verdicts', daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def failure(self, req: Any, exc: Exception, events: Sequence[Event]) -> None:
+        """FAILURE with ``exc`` stored, then ``events`` and ``task-failed``."""
+        def store() -> None:
+            req.task.backend.mark_as_failure(
+                req.id, exc, request=req._context, store_result=req.store_errors)
+        self.end(req, store, tuple(events) + (
+            ('task-failed', {'exception': repr(exc), 'traceback': ''}),))
+
+    def revoked(self, req: Any, reason: str, events: Sequence[Event]) -> None:
+        """REVOKED with ``reason`` stored, then ``events`` and ``task-revoked``."""
+        def store() -> None:
+            req.task.backend.mark_as_revoked(
+                req.id, reason, request=req._context, store_result=req.store_errors)
+        self.end(req, store, tuple(events) + (
+            ('task-revoked', {'terminated': False, 'signum': None, 'expired': False,
+                              'reason': reason}),))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stop:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                req, store, events = self._jobs.popleft()
+            try:
+                store()
+                ok = True
+            except Exception:
+                logger.exception('mutex: could not store the result of %s[%s]; '
+                                 'its message goes back to the broker', req.name, req.id)
+                ok = False
+            self.post(self._done, req, events, ok)
+
+    def _done(self, req: Any, events: Sequence[Event], ok: bool) -> None:
+        if not ok:
+            messages.reject(req, self.c.connection_errors, requeue=True)
+            return
+        for name, fields in events:
+            try:
+                req.send_event(name, **fields)
+            except Exception:
+                logger.debug('mutex: could not send %s for %s', name, req.id, exc_info=True)
+        messages.ack(req, self.c.connection_errors)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Shutdown: finish the stores asked for (bounded); the rest stay
+        unacknowledged and the broker delivers them again."""
+        with self._cond:
+            self._stop = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None:
+            thread.join(timeout)

@@ -1,0 +1,35 @@
+"""The test app with the contention policies of issue 13 (wait deadlines,
+coalesce, ...): the test app's tasks plus these, in a module of their own so
+the other tests' workers never load them (``mutex_wait_timeout`` refuses
+``mutex_park=False``, which some of those tests run with)."""
+import time
+
+from integration.testapp import app, record
+
+__all__ = ('app',)
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_wait_timeout=1.5)
+def impatient(self, key, duration=0.0, seq=None):
+    """Waits at most 1.5 s for its key."""
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_name='ledger', mutex_keys=('account',), mutex_wait_timeout=1.0)
+def ledger_impatient(self, account, duration=0.0, seq=None):
+    """Shares the mutex ``ledger`` with :func:`ledger_patient`; waits at most 1 s."""
+    record(self, 'start', f'ledger/{account}', seq=seq)
+    time.sleep(duration)
+    record(self, 'end', f'ledger/{account}', seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_name='ledger', mutex_keys=('account',))
+def ledger_patient(self, account, duration=0.0, seq=None):
+    record(self, 'start', f'ledger/{account}', seq=seq)
+    time.sleep(duration)
+    record(self, 'end', f'ledger/{account}', seq=seq)
+    return seq

@@ -1,0 +1,93 @@
+"""The contention policies of issue 13 on real workers, ZooKeeper and brokers:
+wait deadlines (``mutex_wait_timeout``), ..."""
+import time
+
+import pytest
+
+from celery_mutex_bootstep.keys import key_digest
+from celery_mutex_bootstep.parking import park_queue_name
+
+from .records import overlaps
+from .scenario import wait_for
+
+APP = 'integration.policyapp'
+
+
+@pytest.fixture
+def policy_scenario(scenario_for):
+    def make(broker='rabbitmq'):
+        s = scenario_for(broker)
+        s.app_module = APP
+        return s
+    return make
+
+
+def queue_count(s, name):
+    with s.client.connection_for_write() as conn:
+        _, count, _ = conn.default_channel.queue_declare(name, passive=True)
+    return count
+
+
+def mutex_info(s, worker):
+    replies = s.client.control.inspect([s.nodename(worker)], timeout=3)._request('mutex_leases') or {}
+    return list(replies.values())[0]
+
+
+def failure(handle, timeout=30):
+    with pytest.raises(Exception) as info:
+        handle.get(timeout=timeout)
+    return info.value
+
+
+@pytest.mark.parametrize('broker', ['rabbitmq', 'redis'])
+def test_waiters_past_their_wait_timeout_fail_visibly_in_the_room_and_parked(
+        policy_scenario, broker):
+    s = policy_scenario(broker)
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('impatient', 'wt', 6.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    sent = time.monotonic()
+    # 2 wait in the consumer (mutex_limit + 1), the others are parked
+    waiters = [s.send('impatient', 'wt', 0, i) for i in range(1, 7)]
+    ended = []
+    for h in waiters:
+        exc = failure(h)
+        ended.append(time.monotonic() - sent)
+        assert type(exc).__name__ == 'MutexContended', repr(exc)
+        assert 'mutex_wait_timeout of 1.5s' in str(exc) and 'wt' in str(exc)
+        assert h.state == 'FAILURE'
+    assert max(ended) < 4.5, f'failed at {ended}: not at their deadline (the holder runs 6 s)'
+    assert min(ended) >= 1.4, f'failed at {ended}: before their deadline'
+    assert holder.get(timeout=20) == 0
+    assert s.records.count('start') == 1, 'a waiter ran after its deadline'
+    log = w.log_text()
+    for h in waiters:
+        line = [x for x in log.splitlines() if h.id in x and 'mutex_wait_timeout' in x]
+        assert line and 'WARNING' in line[0] and "key='wt'" in line[0], h.id
+    assert mutex_info(s, w)['counters']['wait_timeout'] == 6
+    if broker == 'rabbitmq':  # every message acked: none left in either queue
+        digest = key_digest(f'{APP}.impatient', ('wt',))
+        assert queue_count(s, s.queue) == 0
+        assert queue_count(s, park_queue_name(s.namespace, digest)) == 0
+
+
+def test_a_waiter_within_its_wait_timeout_runs_and_a_shared_mutex_name_counts_per_task(
+        policy_scenario):
+    s = policy_scenario()
+    s.worker('w1', concurrency=4)
+    # ledger_patient holds 'ledger/7' for 2.5 s: the patient waiter runs after it,
+    # the impatient one (1 s) fails; on a key held 0.3 s the impatient one runs.
+    holder = s.send('ledger_patient', 7, 2.5, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    patient = s.send('ledger_patient', 7, 0, 1)
+    impatient = s.send('ledger_impatient', 7, 0, 2)
+    quick_holder = s.send('impatient', 'q', 0.3, 3)
+    quick = s.send('impatient', 'q', 0, 4)
+    assert quick.get(timeout=20) == 4 and quick_holder.get(timeout=20) == 3
+    exc = failure(impatient)
+    assert type(exc).__name__ == 'MutexContended' and 'mutex_wait_timeout of 1s' in str(exc)
+    assert holder.get(timeout=20) == 0 and patient.get(timeout=20) == 1
+    runs = s.records.executions()
+    assert sorted(r.extra['seq'] for r in runs) == [0, 1, 3, 4]
+    assert overlaps([r for r in runs if r.key == 'ledger/7']) == []
+    assert overlaps([r for r in runs if r.key == 'q']) == []
