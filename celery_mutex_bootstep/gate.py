@@ -52,6 +52,7 @@ from .parked import ParkedKeys
 from .parking import ParkingLot
 from .payload import lease_data
 from .policies import MutexPolicies
+from .supersede import Coalescing
 from .verdicts import Verdicts
 from .waiting import Held, WaitingRoom
 
@@ -86,6 +87,7 @@ class MutexGate:
         self.endings = Endings(consumer, leases, self.metrics)
         self.verdicts = Verdicts(consumer, inbox.post)  # results stored off this thread
         self.deadlines = Deadlines(self.metrics, self.verdicts)
+        self.coalesce = Coalescing(self.room, self.verdicts, self.metrics)
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
         self.places = PoolPlaces(consumer, inbox.post, self._pump, settings.lease_ahead)
         self.parked: Optional[ParkedKeys] = None
@@ -136,7 +138,7 @@ class MutexGate:
             return self._expire(req, key)
         if not self.leases.connected:
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
-        if key.policy.contended == 'requeue' and (
+        if key.policy.contended in ('requeue', 'coalesce') and (
                 self.room.has_waiters(key.digest)
                 or self._in_flight[key.digest] >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
@@ -260,6 +262,8 @@ class MutexGate:
         else:
             self.metrics.inc('unavailable')
             self.endings.log_unavailable(req, exc)
+        if key.policy.contended == 'coalesce' and not self.coalesce.make_room(req, key, seq):
+            return  # superseded by the key's newer waiter
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
                 and key.policy.contended == 'requeue' and self.parked.should_park(
                     req, key, self._in_flight[key.digest], tried)):
@@ -297,16 +301,17 @@ class MutexGate:
             self.parked.refill(digest)
 
     def _expired(self, held: Held) -> None:
-        """A waiter's delay is over: with parking it stays (it is the head of its
-        key's line) until it was unacknowledged too long, then parks; without,
-        its message goes back to the broker."""
+        """A waiter's delay is over: with parking (or coalescing) it stays, the
+        head of its key's line, until it was unacknowledged too long, then parks
+        (a coalesced one goes back to its queue); without, back to the broker."""
         req = held.req
         if self.deadlines.overdue(req, held.key) and not req.revoked():
             self.room.leave(held)
             return self._expire(req, held.key)
-        parking = (self.parked is not None and self.leases.connected
-                   and held.key.policy.contended == 'requeue')
-        if parking and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
+        contended = held.key.policy.contended
+        parking = self.parked is not None and self.leases.connected and contended == 'requeue'
+        stays = parking or (contended == 'coalesce' and self.leases.connected)
+        if stays and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
             self.room.rearm(held, self.deadlines.delay(req, held.key, held.key.policy.requeue_delay))
             # Someone must wake it: a waiter that joined while ZooKeeper was away
             # has no watch yet (on a free key the watch calls back at once).
@@ -318,6 +323,9 @@ class MutexGate:
         if parking:  # RabbitMQ's consumer timeout would close the channel
             self._park(req, held.key)
             return
+        if stays:  # coalesced: a fresh copy that stays the older on its return
+            self.coalesce.stamp(req)
+            return self.holders.republish(req)
         if messages.delivery_limit_reached(req, held.key.policy.republish_after):
             self.holders.republish(req)  # on its own thread; acked once out
             return

@@ -18,6 +18,9 @@ def check_combination(task: Any, policy: MutexPolicy, settings: MutexSettings) -
     def bad(problem: str) -> MutexConfigError:
         return MutexConfigError(f'task {policy.task!r}: {problem}')
 
+    if policy.contended == 'coalesce' and policy.limit > 1:
+        raise bad(f"option mutex_contended='coalesce' keeps one running and one waiting "
+                  f"per key: it makes no sense with mutex_limit={policy.limit}")
     explicit_wait = getattr(task, 'mutex_wait_timeout', None) is not None
     if policy.wait_timeout is not None and (explicit_wait or policy.contended != 'skip'):
         if policy.contended == 'skip':

@@ -33,3 +33,21 @@ def ledger_patient(self, account, duration=0.0, seq=None):
     time.sleep(duration)
     record(self, 'end', f'ledger/{account}', seq=seq)
     return seq
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_contended='coalesce')
+def refresh(self, key, duration=0.0, seq=None):
+    """One running, one waiting per key: a newer call replaces the waiting one."""
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq
+
+
+@app.task(bind=True, mutex_name='accounts', mutex_keys=('account',),
+          mutex_contended='coalesce')
+def refresh_account(self, account, duration=0.0, seq=None):
+    record(self, 'start', f'accounts/{account}', seq=seq)
+    time.sleep(duration)
+    record(self, 'end', f'accounts/{account}', seq=seq)
+    return seq

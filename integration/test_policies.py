@@ -91,3 +91,49 @@ def test_a_waiter_within_its_wait_timeout_runs_and_a_shared_mutex_name_counts_pe
     assert sorted(r.extra['seq'] for r in runs) == [0, 1, 3, 4]
     assert overlaps([r for r in runs if r.key == 'ledger/7']) == []
     assert overlaps([r for r in runs if r.key == 'q']) == []
+
+
+# -- mutex_contended='coalesce' ------------------------------------------------------
+
+@pytest.mark.parametrize('broker', ['rabbitmq', 'redis'])
+def test_coalesce_keeps_one_waiting_the_newest_and_supersedes_the_others_visibly(
+        policy_scenario, broker):
+    s = policy_scenario(broker)
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('refresh', 'c', 2.5, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    calls = []
+    for i in range(1, 6):
+        calls.append(s.send('refresh', 'c', 0.2, i))
+        time.sleep(0.1)  # arrival order at the gate is the publish order
+    assert holder.get(timeout=20) == 0
+    assert calls[-1].get(timeout=20) == 5
+    for h in calls[:-1]:
+        with pytest.raises(Exception) as info:
+            h.get(timeout=20)
+        assert type(info.value).__name__ == 'TaskRevokedError', repr(info.value)
+        assert 'superseded by' in str(info.value), str(info.value)
+        assert h.state == 'REVOKED'
+    runs = s.records.executions()
+    assert sorted(r.extra['seq'] for r in runs) == [0, 5], 'only the holder and the newest ran'
+    assert overlaps(runs) == []
+    log = w.log_text()
+    for older, newer in zip(calls, calls[1:]):
+        line = [x for x in log.splitlines() if f'[{older.id}] superseded by' in x]
+        assert line and newer.id in line[0] and 'WARNING' in line[0], older.id
+    assert mutex_info(s, w)['counters']['superseded'] == 4
+    if broker == 'rabbitmq':
+        assert queue_count(s, s.queue) == 0, 'superseded messages were not acked'
+
+
+def test_coalesce_with_a_shared_mutex_name_and_a_free_key_runs_everything(policy_scenario):
+    s = policy_scenario()
+    s.worker('w1', concurrency=4)
+    # different accounts never coalesce; calls of a free key run
+    handles = [s.send('refresh_account', a, 0.3, a) for a in range(4)]
+    assert sorted(h.get(timeout=20) for h in handles) == [0, 1, 2, 3]
+    later = s.send('refresh_account', 0, 0, 10)
+    assert later.get(timeout=20) == 10
+    runs = s.records.executions()
+    assert len(runs) == 5
+    assert overlaps([r for r in runs if r.key == 'accounts/0']) == []
