@@ -52,7 +52,8 @@ from .parked import ParkedKeys
 from .parking import ParkingLot
 from .payload import lease_data
 from .policies import MutexPolicies
-from .supersede import Coalescing
+from .replacing import Replacing
+from .supersede import ONE_WAITING, Coalescing
 from .verdicts import Verdicts
 from .waiting import Held, WaitingRoom
 
@@ -89,6 +90,8 @@ class MutexGate:
         self.deadlines = Deadlines(self.metrics, self.verdicts)
         self.coalesce = Coalescing(self.room, self.verdicts, self.metrics)
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
+        self.replacing = Replacing(consumer, leases, self.holders, self.verdicts, inbox.post,
+                                   self.metrics)
         self.places = PoolPlaces(consumer, inbox.post, self._pump, settings.lease_ahead)
         self.parked: Optional[ParkedKeys] = None
         if settings.park:
@@ -138,7 +141,7 @@ class MutexGate:
             return self._expire(req, key)
         if not self.leases.connected:
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
-        if key.policy.contended in ('requeue', 'coalesce') and (
+        if key.policy.contended in ('requeue', 'coalesce', 'replace') and (
                 self.room.has_waiters(key.digest)
                 or self._in_flight[key.digest] >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
@@ -219,6 +222,8 @@ class MutexGate:
             elif held is not None:
                 if outcome == LeaseOutcome.CONTENDED:
                     self._watch(key)
+                    if key.policy.contended == 'replace':  # a new holder, older than it?
+                        self.replacing.contended(req, key)
             elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
                 self.endings.skip(req, key)
             else:
@@ -262,7 +267,7 @@ class MutexGate:
         else:
             self.metrics.inc('unavailable')
             self.endings.log_unavailable(req, exc)
-        if key.policy.contended == 'coalesce' and not self.coalesce.make_room(req, key, seq):
+        if key.policy.contended in ONE_WAITING and not self.coalesce.make_room(req, key, seq):
             return  # superseded by the key's newer waiter
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
                 and key.policy.contended == 'requeue' and self.parked.should_park(
@@ -273,6 +278,8 @@ class MutexGate:
                        compensate=not handed(req.message))
         if outcome == LeaseOutcome.CONTENDED:
             self._watch(key)
+            if key.policy.contended == 'replace':
+                self.replacing.contended(req, key)
         self.room.poll_revoked()
 
     def _watch(self, key: MutexKey) -> None:
@@ -310,7 +317,7 @@ class MutexGate:
             return self._expire(req, held.key)
         contended = held.key.policy.contended
         parking = self.parked is not None and self.leases.connected and contended == 'requeue'
-        stays = parking or (contended == 'coalesce' and self.leases.connected)
+        stays = parking or (contended in ONE_WAITING and self.leases.connected)
         if stays and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
             self.room.rearm(held, self.deadlines.delay(req, held.key, held.key.policy.requeue_delay))
             # Someone must wake it: a waiter that joined while ZooKeeper was away

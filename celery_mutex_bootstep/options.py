@@ -14,8 +14,8 @@ Per-task options (``@app.task(mutex_keys=('account',), ...)``):
                         / ``MUTEX_TIMEOUT`` app config, else 3600).
 ``mutex_requeue_delay`` seconds a contended message is held in the consumer
                         before it goes back to the broker (default 1).
-``mutex_contended``     ``'requeue'`` (default), ``'skip'`` or ``'coalesce'``
-                        (:mod:`.supersede`); the older
+``mutex_contended``     ``'requeue'`` (default), ``'skip'``, ``'coalesce'``
+                        (:mod:`.supersede`) or ``'replace'`` (:mod:`.replacing`); the older
                         libraries' ``mutex_requeue=True/False`` is an alias.
 ``mutex_limit``         holders allowed at once per key (a semaphore; 1).
 ``mutex_republish_after`` deliveries (RabbitMQ quorum queues' count) after
@@ -53,7 +53,7 @@ DEFAULT_REQUEUE_DELAY = 1.0
 DEFAULT_SESSION_TIMEOUT = 10.0
 DEFAULT_MAX_HELD = 64
 DEFAULT_REPUBLISH_AFTER = 10
-CONTENDED_POLICIES = ('requeue', 'skip', 'coalesce')
+CONTENDED_POLICIES = ('requeue', 'skip', 'coalesce', 'replace')
 SESSION_LOSS_POLICIES = ('kill', 'continue')
 
 

@@ -18,9 +18,9 @@ def check_combination(task: Any, policy: MutexPolicy, settings: MutexSettings) -
     def bad(problem: str) -> MutexConfigError:
         return MutexConfigError(f'task {policy.task!r}: {problem}')
 
-    if policy.contended == 'coalesce' and policy.limit > 1:
-        raise bad(f"option mutex_contended='coalesce' keeps one running and one waiting "
-                  f"per key: it makes no sense with mutex_limit={policy.limit}")
+    if policy.contended in ('coalesce', 'replace') and policy.limit > 1:
+        raise bad(f"option mutex_contended={policy.contended!r} keeps one running and one "
+                  f"waiting per key: it makes no sense with mutex_limit={policy.limit}")
     explicit_wait = getattr(task, 'mutex_wait_timeout', None) is not None
     if policy.wait_timeout is not None and (explicit_wait or policy.contended != 'skip'):
         if policy.contended == 'skip':
@@ -71,12 +71,19 @@ class MutexPolicies:
         lease is lost (prefork): threads, solo and green pools run tasks in the
         worker's own process, so a task would run on without its lease. Those
         pools need ``mutex_on_session_loss='continue'``, which says so."""
-        if self.settings.on_session_loss == 'continue':
-            return
         pool_cls = getattr(getattr(consumer, 'controller', None), 'pool_cls', None)
         pool = getattr(consumer, 'pool', None)
         module = getattr(pool_cls, '__module__', None) or type(pool).__module__
         if module.endswith('.prefork') or module.startswith('unittest'):
+            return
+        replacing = sorted(n for n, p in self._policies.items()
+                           if p is not None and p.contended == 'replace')
+        if replacing:  # whatever mutex_on_session_loss says: replacing *is* stopping
+            raise MutexConfigError(
+                f"task {replacing[0]!r}: option mutex_contended='replace' stops the running "
+                f"holder, which pool {module.rsplit('.', 1)[-1]!r} cannot do (it runs tasks "
+                f"in the worker process): use the prefork pool")
+        if self.settings.on_session_loss == 'continue':
             return
         guarded = sorted(n for n, p in self._policies.items() if p is not None)
         if guarded:

@@ -34,7 +34,10 @@ from celery.worker import state as worker_state
 
 from .waiting import SINCE_HEADER, waiting_since
 
-__all__ = ('Coalescing',)
+__all__ = ('Coalescing', 'ONE_WAITING')
+
+#: Policies that keep one waiter per key in a worker ('replace' waits as 'coalesce').
+ONE_WAITING = ('coalesce', 'replace')
 
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
@@ -73,9 +76,10 @@ class Coalescing:
     def supersede(self, req: Any, key: Any, by: Any) -> None:
         self.metrics.inc('superseded')
         worker_state.task_ready(req)
-        reason = f'superseded by {by.id} (mutex_contended=coalesce)'
-        logger.warning('mutex: %s[%s] superseded by %s[%s] on %s (mutex_contended=coalesce)',
-                       req.name, req.id, by.name, by.id, key.describe())
+        policy = f'mutex_contended={key.policy.contended}'
+        reason = f'superseded by {by.id} ({policy})'
+        logger.warning('mutex: %s[%s] superseded by %s[%s] on %s (%s)',
+                       req.name, req.id, by.name, by.id, key.describe(), policy)
         self.verdicts.revoked(req, reason, (('mutex-superseded', {
             'key': key.digest, 'mutex': key.describe(), 'by': by.id}),))
 

@@ -34,10 +34,19 @@ class Verdicts:
         self._thread: Optional[threading.Thread] = None
         self._stop = False
 
-    def end(self, req: Any, store: Callable[[], None], events: Sequence[Event]) -> None:
-        """Run ``store()`` off the consumer thread; then send ``events`` and ack."""
+    def end(self, req: Any, store: Callable[[], None], events: Sequence[Event],
+            ack: bool = True) -> None:
+        """Run ``store()`` off the consumer thread; then send ``events`` and ack
+        (``ack=False``: the message is someone else's to settle)."""
+        self._submit((req, store, tuple(events), ack))
+
+    def call(self, fun: Callable[[], None]) -> None:
+        """Run ``fun`` off the consumer thread (a network call); errors are logged."""
+        self._submit((None, fun, (), False))
+
+    def _submit(self, job: tuple) -> None:
         with self._cond:
-            self._jobs.append((req, store, tuple(events)))
+            self._jobs.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name='mutex-verdicts', daemon=True)
@@ -68,17 +77,23 @@ class Verdicts:
                     self._cond.wait()
                 if not self._jobs:
                     return
-                req, store, events = self._jobs.popleft()
+                req, store, events, ack = self._jobs.popleft()
             try:
                 store()
                 ok = True
             except Exception:
-                logger.exception('mutex: could not store the result of %s[%s]; '
-                                 'its message goes back to the broker', req.name, req.id)
+                if req is None:
+                    logger.exception('mutex: %r failed', store)
+                    continue
+                logger.exception('mutex: could not store the result of %s[%s]%s', req.name,
+                                 req.id, '; its message goes back to the broker' if ack else '')
                 ok = False
-            self.post(self._done, req, events, ok)
+            if req is not None:
+                self.post(self._done, req, events, ok, ack)
 
-    def _done(self, req: Any, events: Sequence[Event], ok: bool) -> None:
+    def _done(self, req: Any, events: Sequence[Event], ok: bool, ack: bool = True) -> None:
+        if not ok and not ack:
+            return
         if not ok:
             messages.reject(req, self.c.connection_errors, requeue=True)
             return
@@ -87,7 +102,8 @@ class Verdicts:
                 req.send_event(name, **fields)
             except Exception:
                 logger.debug('mutex: could not send %s for %s', name, req.id, exc_info=True)
-        messages.ack(req, self.c.connection_errors)
+        if ack:
+            messages.ack(req, self.c.connection_errors)
 
     def close(self, timeout: float = 3.0) -> None:
         """Shutdown: finish the stores asked for (bounded); the rest stay

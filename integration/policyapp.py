@@ -51,3 +51,16 @@ def refresh_account(self, account, duration=0.0, seq=None):
     time.sleep(duration)
     record(self, 'end', f'accounts/{account}', seq=seq)
     return seq
+
+
+@app.task(bind=True, mutex_keys=('key',), mutex_contended='replace')
+def recompute(self, key, duration=0.0, seq=None):
+    """The newest call wins: it stops an older running holder. Records a tick
+    every 20 ms, so a test sees when a stopped holder last ran."""
+    record(self, 'start', key, seq=seq)
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        record(self, 'tick', key, seq=seq)
+    record(self, 'end', key, seq=seq)
+    return seq

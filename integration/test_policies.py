@@ -137,3 +137,70 @@ def test_coalesce_with_a_shared_mutex_name_and_a_free_key_runs_everything(policy
     runs = s.records.executions()
     assert len(runs) == 5
     assert overlaps([r for r in runs if r.key == 'accounts/0']) == []
+
+
+# -- mutex_contended='replace' -------------------------------------------------------
+
+def last_ticks(s):
+    """seq -> the time of its last record (start, tick or end)."""
+    last = {}
+    for r in s.records.raw():
+        seq = r.get('seq')
+        last[seq] = max(last.get(seq, 0), r['t'])
+    return last
+
+
+def revoked_reason(handle):
+    with pytest.raises(Exception) as info:
+        handle.get(timeout=30)
+    assert type(info.value).__name__ == 'TaskRevokedError', repr(info.value)
+    assert handle.state == 'REVOKED'
+    return str(info.value)
+
+
+def test_replace_stops_the_older_holder_drops_the_older_waiter_and_runs_the_newest(
+        policy_scenario):
+    s = policy_scenario()
+    w = s.worker('w1', concurrency=4)
+    holder = s.send('recompute', 'r', 30.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    first = s.send('recompute', 'r', 30.0, 1)       # replaces the holder, then runs
+    wait_for(lambda: s.records.count('start') == 2, timeout=20, message='first replacement ran')
+    second = s.send('recompute', 'r', 0.5, 2)       # replaces `first`, waits...
+    time.sleep(0.05)
+    third = s.send('recompute', 'r', 0.5, 3)        # ...and is superseded by this one
+    assert third.get(timeout=30) == 3
+    assert revoked_reason(holder).startswith(f'replaced by {first.id}')
+    assert revoked_reason(first).startswith(f'replaced by {second.id}')
+    reason = revoked_reason(second)
+    assert reason.startswith(f'superseded by {third.id}') or reason.startswith(
+        f'replaced by {third.id}'), reason
+    runs = {r.extra['seq']: r for r in s.records.executions()}
+    assert 2 not in runs or runs[2].end is None
+    # exclusion: each stopped holder's last record is before the next one started
+    last = last_ticks(s)
+    order = sorted(runs.values(), key=lambda r: r.start)
+    for a, b in zip(order, order[1:]):
+        assert last[a.extra['seq']] <= b.start, (a.extra['seq'], b.extra['seq'])
+    assert runs[3].end is not None and runs[0].end is None and runs[1].end is None
+    log = w.log_text()
+    assert f'[{holder.id}] replaced by {first.id}' in log
+    assert mutex_info(s, w)['counters']['replaced'] >= 2
+    assert queue_count(s, s.queue) == 0
+
+
+def test_replace_stops_a_holder_running_on_another_worker(policy_scenario):
+    s = policy_scenario()
+    w1 = s.worker('w1', concurrency=2)
+    other = f'{s.queue}-b'
+    w2 = s.worker('w2', concurrency=2, extra_args=['-Q', other])
+    holder = s.send('recompute', 'x', 30.0, 0)              # runs on w1
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    newer = s.client.send_task(f'{APP}.recompute', args=('x', 0.3, 1),
+                               queue=other)                 # arrives at w2
+    assert newer.get(timeout=30) == 1
+    assert revoked_reason(holder).startswith(f'replaced by {newer.id}')
+    runs = {r.extra['seq']: r for r in s.records.executions()}
+    assert runs[0].worker != runs[1].worker
+    assert last_ticks(s)[0] <= runs[1].start, 'the new call ran while the old one still ran'
+    assert 'asking' in w2.log_text() and f'[{holder.id}] replaced by' in w1.log_text()
