@@ -60,6 +60,16 @@ class MutexPolicies:
             if policy is None:
                 continue
             other = by_name.setdefault(policy.name, policy)
+            one_waiting = ('coalesce', 'replace')
+            if other.contended != policy.contended and (
+                    other.contended in one_waiting or policy.contended in one_waiting):
+                # One waiter per key: a 'coalesce' call would supersede another
+                # task's waiter that asked to wait its turn.
+                raise MutexConfigError(
+                    f'tasks {other.task!r} and {policy.task!r} share mutex_name '
+                    f'{policy.name!r} with mutex_contended {other.contended!r} and '
+                    f'{policy.contended!r}: with coalesce or replace, give them one '
+                    f'mutex_contended, or different mutex_name')
             if other.limit != policy.limit:
                 raise MutexConfigError(
                     f'tasks {other.task!r} and {policy.task!r} share mutex_name '

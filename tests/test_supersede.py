@@ -9,7 +9,7 @@ from celery import Celery
 from celery_mutex_bootstep.exceptions import MutexConfigError
 from celery_mutex_bootstep.metrics import MutexMetrics
 from celery_mutex_bootstep.options import MutexSettings, policy_for_task
-from celery_mutex_bootstep.policies import check_combination
+from celery_mutex_bootstep.policies import MutexPolicies, check_combination
 from celery_mutex_bootstep.supersede import Coalescing
 from celery_mutex_bootstep.waiting import SINCE_HEADER, WaitingRoom
 
@@ -99,3 +99,22 @@ def test_coalesce_with_a_semaphore_is_refused_naming_task_and_option(app):
         check_combination(t, policy_for_task(t, settings), settings)
     text = str(info.value)
     assert "task 't" in text and "mutex_contended='coalesce'" in text and 'mutex_limit=3' in text
+
+
+def test_a_mutex_name_shared_by_coalesce_and_requeue_tasks_is_refused(app):
+    @app.task(shared=False, mutex_name='acct', mutex_keys=('a',), mutex_contended='coalesce')
+    def t(a):
+        pass
+
+    @app.task(shared=False, mutex_name='acct', mutex_keys=('a',))
+    def u(a):
+        pass
+    p = MutexPolicies(app, MutexSettings.from_app({}))
+    p._policies = {x.name: policy_for_task(x, p.settings) for x in (t, u)}
+    with pytest.raises(MutexConfigError) as info:
+        p._check_shared_names()
+    text = str(info.value)
+    assert t.name in text and u.name in text and "'coalesce'" in text and "'requeue'" in text
+    # the same policy on both is fine
+    p._policies[u.name] = policy_for_task(t, p.settings)
+    p._check_shared_names()
