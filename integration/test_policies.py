@@ -204,3 +204,41 @@ def test_replace_stops_a_holder_running_on_another_worker(policy_scenario):
     assert runs[0].worker != runs[1].worker
     assert last_ticks(s)[0] <= runs[1].start, 'the new call ran while the old one still ran'
     assert 'asking' in w2.log_text() and f'[{holder.id}] replaced by' in w1.log_text()
+
+
+# -- events: what monitors see ---------------------------------------------------------
+
+def test_policy_events_reach_a_receiver_and_monitors_see_failed_and_revoked(policy_scenario):
+    from .test_events import EventCapture
+    s = policy_scenario()
+    capture = EventCapture(s.client).start()
+    try:
+        s.worker('w1', concurrency=4, extra_args=['-E'])
+        holder = s.send('impatient', 'ev', 3.0, 0)
+        busy = s.send('refresh', 'co', 3.0, 0)
+        doomed = s.send('recompute', 're', 30.0, 0)
+        for h in (holder, busy, doomed):
+            capture.wait('task-started', h.id)
+        late = s.send('impatient', 'ev', 0, 1)
+        older = s.send('refresh', 'co', 0, 1)
+        time.sleep(0.2)
+        newer = s.send('refresh', 'co', 0, 2)
+        winner = s.send('recompute', 're', 0, 1)
+
+        timeout_event = capture.wait('mutex-wait-timeout', late.id)[0]
+        assert "key='ev'" in timeout_event['mutex'] and timeout_event['waited'] >= 1.4
+        superseded = capture.wait('mutex-superseded', older.id)[0]
+        assert superseded['by'] == newer.id
+        replaced = capture.wait('mutex-replaced', doomed.id)[0]
+        assert replaced['by'] == winner.id
+        capture.wait('task-failed', late.id)
+        capture.wait('task-revoked', older.id)
+        capture.wait('task-revoked', doomed.id)
+        assert winner.get(timeout=30) == 1 and newer.get(timeout=30) == 2
+        # what Flower shows (celery.events.state.State)
+        state = capture.state.tasks
+        assert state[late.id].state == 'FAILURE'
+        assert state[older.id].state == 'REVOKED'
+        assert state[doomed.id].state == 'REVOKED'
+    finally:
+        capture.stop()
