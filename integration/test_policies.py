@@ -242,3 +242,52 @@ def test_policy_events_reach_a_receiver_and_monitors_see_failed_and_revoked(poli
         assert state[doomed.id].state == 'REVOKED'
     finally:
         capture.stop()
+
+
+# -- a worker SIGKILLed ----------------------------------------------------------------
+
+def test_a_coalesced_waiter_of_a_killed_worker_runs_elsewhere_not_lost(policy_scenario):
+    s = policy_scenario()
+    args = ['--mutex-session-timeout', '4']
+    a = s.worker('a', concurrency=2, extra_args=args)
+    holder = s.send('refresh', 'k', 60.0, 0)  # acked at start: dies with its worker
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiter = s.send('refresh', 'k', 0.2, 1)
+    wait_for(lambda: mutex_info(s, a)['waiting'], message='the waiter held on a')
+    a.kill()
+    a.kill_group()
+    b = s.worker('b', concurrency=2, extra_args=args)
+    # unacknowledged, it came back from the broker; the dead session's lease vanished
+    assert waiter.get(timeout=40) == 1
+    runs = [r for r in s.records.executions() if r.extra['seq'] == 1]
+    assert len(runs) == 1 and runs[0].worker == s.nodename(b)
+    assert holder.state != 'SUCCESS'
+
+
+def test_parked_waiters_of_a_killed_worker_fail_at_their_deadline_on_another(policy_scenario):
+    s = policy_scenario()
+    args = ['--mutex-session-timeout', '4']
+    a = s.worker('a', concurrency=2, extra_args=args)
+    s.send('impatient', 'p', 60.0, 0)
+    wait_for(lambda: s.records.count('start') == 1, message='holder')
+    waiters = [s.send('impatient', 'p', 0, i) for i in range(1, 7)]
+    wait_for(lambda: mutex_info(s, a)['counters']['parked'] >= 4, message='4 parked')
+    a.kill()
+    a.kill_group()
+    s.worker('b', concurrency=2, extra_args=args)
+    outcomes = []
+    for h in waiters:  # nothing lost: each ends, as a run or as a visible failure
+        try:
+            outcomes.append(h.get(timeout=40))
+        except Exception as exc:
+            assert type(exc).__name__ == 'MutexContended', repr(exc)
+            assert 'mutex_wait_timeout' in str(exc)
+            outcomes.append('timeout')
+    # The parked copies carry their first wait: the line no live worker followed
+    # was restarted by b's sweep and failed without running. (The two waiters a
+    # kept in its consumer came back as the broker's originals: their wait
+    # started again on b.)
+    assert outcomes.count('timeout') >= 4, outcomes
+    runs = [r for r in s.records.executions() if r.extra['seq'] != 0]
+    assert len(runs) == len([o for o in outcomes if o != 'timeout'])
+    assert overlaps(runs) == []
