@@ -1,5 +1,7 @@
 """The contention policies of issue 13 on real workers, ZooKeeper and brokers:
-wait deadlines (``mutex_wait_timeout``), ..."""
+wait deadlines (``mutex_wait_timeout``), ``'coalesce'``, ``'replace'``, their
+events, and each under a worker SIGKILL and a ZooKeeper outage: no overlap,
+nothing lost except what a policy drops, and that visibly."""
 import time
 
 import pytest
@@ -9,6 +11,8 @@ from celery_mutex_bootstep.parking import park_queue_name
 
 from .records import overlaps
 from .scenario import wait_for
+from .test_faults import (  # noqa: F401  (watch_factory: a fixture used below)
+    SESSION_TIMEOUT, assert_no_overlap, session_args, watch_factory)
 
 APP = 'integration.policyapp'
 
@@ -291,3 +295,47 @@ def test_parked_waiters_of_a_killed_worker_fail_at_their_deadline_on_another(pol
     runs = [r for r in s.records.executions() if r.extra['seq'] != 0]
     assert len(runs) == len([o for o in outcomes if o != 'timeout'])
     assert overlaps(runs) == []
+
+
+# -- a ZooKeeper session lost ------------------------------------------------------------
+
+
+def ended(handle, timeout=60):
+    """'ok', or the policy's visible ending ('superseded' / 'replaced'); anything
+    else (lost, stuck, another error) fails."""
+    try:
+        handle.get(timeout=timeout)
+        return 'ok'
+    except Exception as exc:
+        text = str(exc)
+        assert type(exc).__name__ == 'TaskRevokedError' and text.startswith(
+            ('superseded by', 'replaced by')), repr(exc)
+        return text.split()[0]
+
+
+def test_coalesce_and_replace_across_a_zookeeper_outage_lose_nothing_and_never_overlap(
+        zk_factory, watch_factory, policy_scenario):
+    s = policy_scenario()
+    node = zk_factory()
+    s.zk_hosts = node.hosts
+    s.worker('a', concurrency=3, hosts=node.hosts, extra_args=session_args())
+    watch = watch_factory(s)
+    holders = [s.send('refresh', 'z', 6.0, 0), s.send('recompute', 'y', 6.0, 0)]
+    wait_for(lambda: s.records.count('start') == 2, message='holders')
+    waiters = [s.send('refresh', 'z', 0.3, 1)]
+    time.sleep(0.3)
+    t_stop = time.time()
+    node.stop()
+    time.sleep(2 * SESSION_TIMEOUT)  # the session is given up: the holders are killed
+    node.start()
+    node.wait_ready()
+    outcomes = {h.id: ended(h) for h in holders + waiters}
+    test_end = time.time()
+    runs = s.records.executions()
+    assert_no_overlap(runs, watch, test_end, t0=t_stop)
+    # every call ran to its end or was dropped visibly by its policy
+    done = {r.id for r in runs if r.end is not None}
+    for h in holders + waiters:
+        assert outcomes[h.id] != 'ok' or h.id in done, (h.id, outcomes)
+    assert outcomes[holders[1].id] == 'ok', 'the replace holder killed with the session ran again'
+    wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
