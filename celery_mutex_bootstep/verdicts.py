@@ -89,7 +89,11 @@ class Verdicts:
                                  req.id, '; its message goes back to the broker' if ack else '')
                 ok = False
             if req is not None:
-                self.post(self._done, req, events, ok, ack)
+                try:
+                    self.post(self._done, req, events, ok, ack)
+                except Exception:  # the inbox closed (shutdown): the broker redelivers it
+                    logger.warning('mutex: could not settle %s[%s] after storing its result',
+                                   req.name, req.id, exc_info=True)
 
     def _done(self, req: Any, events: Sequence[Event], ok: bool, ack: bool = True) -> None:
         if not ok and not ack:
