@@ -200,6 +200,8 @@ def test_replace_stops_a_holder_running_on_another_worker(policy_scenario):
     w2 = s.worker('w2', concurrency=2, extra_args=['-Q', other])
     holder = s.send('recompute', 'x', 30.0, 0)              # runs on w1
     wait_for(lambda: s.records.count('start') == 1, message='holder')
+    data, _ = s.zk.get(s.lease_path('recompute', 'x'))
+    assert b'"contended":"replace"' in data, data  # what `celery mutex list` shows
     newer = s.client.send_task(f'{APP}.recompute', args=('x', 0.3, 1),
                                queue=other)                 # arrives at w2
     assert newer.get(timeout=30) == 1

@@ -142,3 +142,26 @@ def test_a_holder_on_another_worker_is_asked_to_stop_through_mutex_release_off_t
     calls[0]()
     assert sent == [('mutex_release', {'destination': ['w2@h'], 'arguments': {
         'task_id': 'old', 'replaced_by': 'new'}})]
+
+
+def test_the_lease_node_and_celery_mutex_list_name_a_policy_other_than_requeue(app):
+    import json
+
+    from celery_mutex_bootstep.command.listing import _task
+    from celery_mutex_bootstep.payload import lease_data
+
+    @app.task(shared=False, mutex_keys=('a',), mutex_contended='replace')
+    def t(a):
+        pass
+
+    @app.task(shared=False, mutex_keys=('a',))
+    def u(a):
+        pass
+    settings = MutexSettings.from_app({})
+    for task, expected in ((t, 'replace'), (u, None)):
+        policy = policy_for_task(task, settings)
+        req = SimpleNamespace(type=task.name, id='id-1')
+        data = json.loads(lease_data(req, policy.key_for((1,), {})))
+        assert data.get('contended') == expected
+        node = SimpleNamespace(data=data, task=task.name)
+        assert _task(node) == (f'{task.name} (replace)' if expected else task.name)
