@@ -44,11 +44,15 @@ def parse_selectors(selectors: Sequence[str]) -> Dict[str, str]:
 
 
 def mutex_release(state: Any, selectors: Sequence[str] = (), key: Any = None,
-                  task_id: Any = None, task: Any = None) -> dict:
-    """Free leases held here: kill their tasks first, then release (never under a running task)."""
+                  task_id: Any = None, task: Any = None, replaced_by: Any = None) -> dict:
+    """Free leases held here: kill their tasks first, then release (never under a
+    running task). ``replaced_by``: another worker's ``mutex_contended='replace'``
+    call asks (with ``task_id``); the holder ends REVOKED with that reason."""
     gate = getattr(state.consumer, 'mutex_gate', None)
     if gate is None:
         return {'error': 'MutexStep is not running in this worker'}
+    if replaced_by and task_id:
+        return {'ok': gate.replacing.stop_here(str(task_id), str(replaced_by))}
     # `celery control mutex_release task_id=X` arrives as selectors=['task_id=X']
     # (Celery passes command-line arguments by position); a program may also
     # broadcast key/task_id/task as named arguments.

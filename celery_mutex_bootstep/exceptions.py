@@ -31,15 +31,18 @@ class MutexKeyError(ValueError):
 
 
 class MutexContended(Exception):
-    """Stored as the result of a task skipped because its mutex was held."""
+    """Stored as the result of a task skipped because its mutex was held, or
+    (``reason``) one that waited past its ``mutex_wait_timeout``."""
 
-    def __init__(self, task: str = '', key: str = '') -> None:
-        super().__init__(task, key)
+    def __init__(self, task: str = '', key: str = '', reason: str = '') -> None:
+        super().__init__(*((task, key, reason) if reason else (task, key)))
         self.task = task
         self.key = key
+        self.reason = reason
 
     def __str__(self) -> str:
-        return f'mutex for {self.task} is held (key {self.key})'
+        text = f'mutex for {self.task} is held (key {self.key})'
+        return f'{text}: {self.reason}' if self.reason else text
 
 
 class MutexTimeout(Exception):

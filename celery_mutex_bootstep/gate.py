@@ -12,19 +12,15 @@ the consumer with ``call_soon``. Then:
   in the task) and the request goes to the pool; :mod:`.holders` releases the
   lease when the request ends, on every path, exactly once, and only once its
   task can no longer run.
-* contended (``mutex_contended='requeue'``): the request is marked ready in the
-  worker state and its message waits in the consumer (:mod:`.waiting`), never
-  in the pool. A ZooKeeper watch on the holder's node wakes the first waiter
-  of the key the moment it is freed; it tries again and runs if it wins.
-  After ``mutex_requeue_delay`` a waiter goes back to the broker (or, after
-  ``mutex_republish_after`` deliveries on a quorum queue, is republished).
-  A waiter that is revoked is dropped as revoked at once.
-* contended (``'skip'``): the task fails with :class:`MutexContended` in its
-  result, a WARNING and a ``mutex-skipped`` (and ``task-failed``) event; the message is acked.
+* contended (``mutex_contended='requeue'``): its message waits in the consumer
+  (:mod:`.waiting`), a few per key, woken by a watch on the holder's node the
+  moment it is freed, or is parked on the broker (:mod:`.parked`); never in the
+  pool. A revoked waiter is dropped as revoked; one past its
+  ``mutex_wait_timeout`` fails (:mod:`.deadlines`).
+* contended (``'skip'``): FAILURE with :class:`MutexContended`, visibly (:mod:`.endings`).
 * ZooKeeper unavailable: the message waits the same way and goes back to the
   broker; it never runs without a lease and is never dropped.
-* the key cannot be built: the task fails with that error in its result and
-  the message is not requeued.
+* the key cannot be built: FAILURE with that error; the message is not requeued.
 
 Everything here runs on the consumer thread; kazoo's answers reach it through
 one FIFO that wakes the event loop (:mod:`.inbox`). The one exception is the
@@ -42,7 +38,9 @@ from celery.worker import state as worker_state
 
 from . import messages
 from .capacity import PoolPlaces
+from .deadlines import Deadlines
 from .endings import Endings
+from .gate_info import gate_info
 from .handoff import handed
 from .exceptions import MutexConfigError, MutexKeyError
 from .holders import Holders
@@ -54,13 +52,15 @@ from .parked import ParkedKeys
 from .parking import ParkingLot
 from .payload import lease_data
 from .policies import MutexPolicies
+from .replacing import Replacing
+from .supersede import ONE_WAITING, Coalescing
+from .verdicts import Verdicts
 from .waiting import Held, WaitingRoom
 
 __all__ = ('MutexGate', 'MutexPolicies')  # MutexPolicies re-exported from .policies
 
 logger = logging.getLogger(__name__)
 
-_REVOKE_POLL = 0.1
 # A room waiter parks itself after this long unacknowledged (RabbitMQ's consumer
 # timeout, 30 min by default, would close the channel).
 _ROOM_WAIT_MAX = 600.0
@@ -82,12 +82,16 @@ class MutexGate:
         self._generation = 0
         self._watching: set = set()
         self._in_flight: Counter = Counter()  # digest -> first tries not answered yet
-        self._revoke_timer: Any = None
         self._arrivals = 0
         self._post = inbox.post
         self.metrics = MutexMetrics()
         self.endings = Endings(consumer, leases, self.metrics)
+        self.verdicts = Verdicts(consumer, inbox.post)  # results stored off this thread
+        self.deadlines = Deadlines(self.metrics, self.verdicts)
+        self.coalesce = Coalescing(self.room, self.verdicts, self.metrics)
         self.holders = Holders(consumer, leases, self.metrics, settings, inbox)
+        self.replacing = Replacing(consumer, leases, self.holders, self.verdicts, inbox.post,
+                                   self.metrics)
         self.places = PoolPlaces(consumer, inbox.post, self._pump, settings.lease_ahead)
         self.parked: Optional[ParkedKeys] = None
         if settings.park:
@@ -133,9 +137,11 @@ class MutexGate:
 
     def _admit(self, req: Any, key: MutexKey, seq: int) -> None:
         """A pool place is free for ``req``: try its lease, or wait."""
+        if self.deadlines.overdue(req, key):  # back from its park queue too late
+            return self._expire(req, key)
         if not self.leases.connected:
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
-        if key.policy.contended == 'requeue' and (
+        if key.policy.contended in ('requeue', 'coalesce', 'replace') and (
                 self.room.has_waiters(key.digest)
                 or self._in_flight[key.digest] >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
@@ -216,6 +222,8 @@ class MutexGate:
             elif held is not None:
                 if outcome == LeaseOutcome.CONTENDED:
                     self._watch(key)
+                    if key.policy.contended == 'replace':  # a new holder, older than it?
+                        self.replacing.contended(req, key)
             elif outcome == LeaseOutcome.CONTENDED and key.policy.contended == 'skip':
                 self.endings.skip(req, key)
             else:
@@ -259,16 +267,20 @@ class MutexGate:
         else:
             self.metrics.inc('unavailable')
             self.endings.log_unavailable(req, exc)
+        if key.policy.contended in ONE_WAITING and not self.coalesce.make_room(req, key, seq):
+            return  # superseded by the key's newer waiter
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
                 and key.policy.contended == 'requeue' and self.parked.should_park(
                     req, key, self._in_flight[key.digest], tried)):
             self._park(req, key)
             return
-        self.room.hold(req, key, key.policy.requeue_delay, seq,
+        self.room.hold(req, key, self.deadlines.delay(req, key, key.policy.requeue_delay), seq,
                        compensate=not handed(req.message))
         if outcome == LeaseOutcome.CONTENDED:
             self._watch(key)
-        self._poll_revoked()
+            if key.policy.contended == 'replace':
+                self.replacing.contended(req, key)
+        self.room.poll_revoked()
 
     def _watch(self, key: MutexKey) -> None:
         digest = key.digest
@@ -296,14 +308,18 @@ class MutexGate:
             self.parked.refill(digest)
 
     def _expired(self, held: Held) -> None:
-        """A waiter's delay is over: with parking it stays (it is the head of its
-        key's line) until it was unacknowledged too long, then parks; without,
-        its message goes back to the broker."""
+        """A waiter's delay is over: with parking (or coalescing) it stays, the
+        head of its key's line, until it was unacknowledged too long, then parks
+        (a coalesced one goes back to its queue); without, back to the broker."""
         req = held.req
-        parking = (self.parked is not None and self.leases.connected
-                   and held.key.policy.contended == 'requeue')
-        if parking and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
-            self.room.rearm(held, held.key.policy.requeue_delay)
+        if self.deadlines.overdue(req, held.key) and not req.revoked():
+            self.room.leave(held)
+            return self._expire(req, held.key)
+        contended = held.key.policy.contended
+        parking = self.parked is not None and self.leases.connected and contended == 'requeue'
+        stays = parking or (contended in ONE_WAITING and self.leases.connected)
+        if stays and not req.revoked() and time.monotonic() - held.since < _ROOM_WAIT_MAX:
+            self.room.rearm(held, self.deadlines.delay(req, held.key, held.key.policy.requeue_delay))
             # Someone must wake it: a waiter that joined while ZooKeeper was away
             # has no watch yet (on a free key the watch calls back at once).
             self._watch(held.key)
@@ -314,6 +330,9 @@ class MutexGate:
         if parking:  # RabbitMQ's consumer timeout would close the channel
             self._park(req, held.key)
             return
+        if stays:  # coalesced: a fresh copy that stays the older on its return
+            self.coalesce.stamp(req)
+            return self.holders.republish(req)
         if messages.delivery_limit_reached(req, held.key.policy.republish_after):
             self.holders.republish(req)  # on its own thread; acked once out
             return
@@ -321,27 +340,15 @@ class MutexGate:
         req.send_event('mutex-requeued', key=held.key.digest, mutex=held.key.describe())
         self.endings.reject(req, requeue=True)
 
+    def _expire(self, req: Any, key: MutexKey) -> None:
+        self.deadlines.expire(req, key)
+        if self.parked is not None:  # the next of its line: overdue too, or it waits here
+            self.parked.refill(key.digest)
+
     def _park(self, req: Any, key: MutexKey) -> None:
         req.send_event('mutex-parked', key=key.digest, mutex=key.describe())
         self.parked.park(req, key)
         self._watch(key)
-
-    def _poll_revoked(self) -> None:
-        """While messages wait, drop revoked ones at once (as revoked)."""
-        if self._revoke_timer is not None or not len(self.room):
-            return
-
-        def check() -> None:
-            self._revoke_timer = None
-            # Request.revoked() checks ids, stamped headers and expiry, and
-            # announces the revoke; ask it only when something can be revoked.
-            if (worker_state.revoked or getattr(worker_state, 'revoked_stamps', None)
-                    or any(h.req.expires for h in self.room)):
-                for held in list(self.room):
-                    if held.req.revoked():
-                        self.room.leave(held)
-            self._poll_revoked()
-        self._revoke_timer = self.inbox.later(_REVOKE_POLL, check)
 
     # -- consumer and session lifecycle --------------------------------------
 
@@ -396,9 +403,7 @@ class MutexGate:
         self._in_flight.clear()
         if self.parked is not None:
             self.parked.generation += 1
-        if self._revoke_timer is not None:
-            self._revoke_timer.cancel()
-            self._revoke_timer = None
+        self.room.stop_polling()
         self.holders.pause(reconnect=reconnect)
         self._watching.clear()
         in_line = self.places.reset()
@@ -418,21 +423,4 @@ class MutexGate:
         return self.holders.release_matching(**match)
 
     def info(self) -> Dict[str, Any]:
-        return {
-            'session': 'connected' if self.leases.connected else 'disconnected',
-            'session_id': self.leases.session_id,
-            'waiting_for_a_process': len(self.places.line),
-            'waiting': [{'task_id': h.req.id, 'task': h.req.name, 'key': h.key.digest,
-                         'waited': round(time.monotonic() - h.since, 3)} for h in self.room],
-            'leases': [
-                {'key': lease.key, 'path': lease.path, 'token': lease.token,
-                 'session_id': lease.session_id, 'task_id': lease.owner,
-                 'task': getattr(self.holders.request_of(lease), 'name', None),
-                 'age': round(time.monotonic() - lease.acquired_monotonic, 3)}
-                for lease in self.leases.held()
-            ],
-            **(self.parked.info() if self.parked is not None else {}),
-            **self.room.summary(self.parked),
-            **self.metrics.snapshot(),
-            'zookeeper_ops': dict(self.leases.stats),
-        }
+        return gate_info(self)

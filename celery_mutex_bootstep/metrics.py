@@ -13,7 +13,8 @@ __all__ = ('MutexMetrics', 'HOLD_BUCKETS', 'GAUGES', 'start_prometheus', 'promet
 logger = logging.getLogger(__name__)
 
 COUNTERS = ('acquired', 'contended', 'requeued', 'republished', 'skipped',
-            'unavailable', 'refused', 'released', 'overran', 'lost', 'parked', 'unparked')
+            'unavailable', 'refused', 'released', 'overran', 'lost', 'parked', 'unparked',
+            'wait_timeout', 'superseded', 'replaced')
 # Seconds; the last bucket is +Inf.
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
 # celery_mutex_<name>: help (values from MutexMetrics.gauges, see waiting_summary.py).

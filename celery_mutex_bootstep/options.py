@@ -14,13 +14,18 @@ Per-task options (``@app.task(mutex_keys=('account',), ...)``):
                         / ``MUTEX_TIMEOUT`` app config, else 3600).
 ``mutex_requeue_delay`` seconds a contended message is held in the consumer
                         before it goes back to the broker (default 1).
-``mutex_contended``     ``'requeue'`` (default) or ``'skip'``; the older
+``mutex_contended``     ``'requeue'`` (default), ``'skip'``, ``'coalesce'``
+                        (:mod:`.supersede`) or ``'replace'`` (:mod:`.replacing`); the older
                         libraries' ``mutex_requeue=True/False`` is an alias.
 ``mutex_limit``         holders allowed at once per key (a semaphore; 1).
 ``mutex_republish_after`` deliveries (RabbitMQ quorum queues' count) after
                         which a contended message is republished as a fresh
                         copy instead of requeued, so a delivery limit never
                         drops it (default 10; 0 turns it off).
+``mutex_wait_timeout``  seconds a contended call may wait for its key (in the
+                        consumer or parked) before it fails with
+                        ``MutexContended`` (default ``mutex_wait_timeout``
+                        app config, else no limit).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ DEFAULT_REQUEUE_DELAY = 1.0
 DEFAULT_SESSION_TIMEOUT = 10.0
 DEFAULT_MAX_HELD = 64
 DEFAULT_REPUBLISH_AFTER = 10
-CONTENDED_POLICIES = ('requeue', 'skip')
+CONTENDED_POLICIES = ('requeue', 'skip', 'coalesce', 'replace')
 SESSION_LOSS_POLICIES = ('kill', 'continue')
 
 
@@ -190,6 +195,8 @@ class MutexSettings:
     #: Leases a worker may take beyond its pool's processes (no hoarding);
     #: None: one per process, so a process never waits for ZooKeeper between tasks.
     lease_ahead: Optional[int] = None
+    #: Default ``mutex_wait_timeout`` (None: wait without limit).
+    wait_timeout: Optional[float] = None
 
     @classmethod
     def from_app(cls, conf: Mapping[str, Any], *,
@@ -224,6 +231,7 @@ class MutexSettings:
         delay = conf.get('mutex_requeue_delay')
         max_held = conf.get('mutex_max_held')
         ahead = conf.get('mutex_lease_ahead')
+        wait = conf.get('mutex_wait_timeout')
         return cls(
             hosts=validate_hosts(hosts, hosts_source),
             namespace=_validate_path(
@@ -254,6 +262,8 @@ class MutexSettings:
             park=bool(conf.get('mutex_park', True)),
             lease_ahead=(None if ahead is None
                          else _integer(ahead, 'app config mutex_lease_ahead', minimum=0)),
+            wait_timeout=(None if wait is None
+                          else _number(wait, 'app config mutex_wait_timeout')),
         )
 
 
@@ -290,6 +300,7 @@ class MutexPolicy:
     contended: str = 'requeue'
     limit: int = 1
     republish_after: int = DEFAULT_REPUBLISH_AFTER
+    wait_timeout: Optional[float] = None
     signature: Optional[inspect.Signature] = field(default=None, repr=False, compare=False)
 
     def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> MutexKey:
@@ -379,6 +390,11 @@ def policy_for_task(task: Any, settings: MutexSettings) -> Optional[MutexPolicy]
     republish = _republish_after(getattr(task, 'mutex_republish_after', None),
                                  f'task {name!r}: option mutex_republish_after',
                                  settings.republish_after)
+    wait_timeout = getattr(task, 'mutex_wait_timeout', None)
+    wait_timeout = settings.wait_timeout if wait_timeout is None else _number(
+        wait_timeout, f'task {name!r}: option mutex_wait_timeout')
     return MutexPolicy(task=name, name=mutex_name, keys=keys, timeout=timeout,
                        requeue_delay=delay, contended=contended, limit=limit,
-                       republish_after=republish, signature=signature)
+                       republish_after=republish, wait_timeout=wait_timeout,
+                       signature=signature)
+

@@ -28,11 +28,15 @@ _dumps = json.JSONEncoder(separators=(',', ':')).encode
 @lru_cache(maxsize=1024)
 def _fixed_part(policy: Any, task: str, hostname: Optional[str], pid: int) -> str:
     # What does not change between requests of one task, encoded once.
-    return _dumps({
+    fixed = {
         'v': KEY_FORMAT, 'mutex': policy.name, 'task': task, 'host': _HOST,
         'pid': pid, 'worker': hostname, 'timeout': policy.timeout,
         'keys': list(policy.keys),
-    })[:-1]
+    }
+    contended = getattr(policy, 'contended', 'requeue')
+    if contended != 'requeue':  # for `celery mutex list`; the default is not repeated
+        fixed['contended'] = contended
+    return _dumps(fixed)[:-1]
 
 
 def lease_data(req: Any, key: MutexKey, *, hostname: Optional[str] = None,

@@ -10,7 +10,29 @@ from typing import Any, Dict, Optional
 from .exceptions import MutexConfigError
 from .options import MutexPolicy, MutexSettings, policy_for_task
 
-__all__ = ('MutexPolicies',)
+__all__ = ('MutexPolicies', 'check_combination')
+
+
+def check_combination(task: Any, policy: MutexPolicy, settings: MutexSettings) -> None:
+    """Refuse option combinations the gate cannot honour, naming task and option."""
+    def bad(problem: str) -> MutexConfigError:
+        return MutexConfigError(f'task {policy.task!r}: {problem}')
+
+    if policy.contended in ('coalesce', 'replace') and policy.limit > 1:
+        raise bad(f"option mutex_contended={policy.contended!r} keeps one running and one "
+                  f"waiting per key: it makes no sense with mutex_limit={policy.limit}")
+    explicit_wait = getattr(task, 'mutex_wait_timeout', None) is not None
+    if policy.wait_timeout is not None and (explicit_wait or policy.contended != 'skip'):
+        if policy.contended == 'skip':
+            raise bad("option mutex_wait_timeout makes no sense with "
+                      "mutex_contended='skip' (a skipped call never waits)")
+        if not settings.park:
+            # Without parking a waiter cycles through its queue as the same
+            # message, which carries no record of when it first waited: the
+            # wait would restart on every delivery and never reach its deadline.
+            source = 'option' if explicit_wait else 'app config'
+            raise bad(f'{source} mutex_wait_timeout needs mutex_park=True (a requeued '
+                      f'message carries no record of how long it waited)')
 
 
 class MutexPolicies:
@@ -24,7 +46,9 @@ class MutexPolicies:
     def validate_all(self) -> None:
         """Check every registered task; raises MutexConfigError on a mistake."""
         for name, task in sorted(self.app.tasks.items()):
-            self._policies[name] = policy_for_task(task, self.settings)
+            self._policies[name] = policy = policy_for_task(task, self.settings)
+            if policy is not None:
+                check_combination(task, policy, self.settings)
         self._check_shared_names()
 
     def _check_shared_names(self) -> None:
@@ -36,6 +60,16 @@ class MutexPolicies:
             if policy is None:
                 continue
             other = by_name.setdefault(policy.name, policy)
+            one_waiting = ('coalesce', 'replace')
+            if other.contended != policy.contended and (
+                    other.contended in one_waiting or policy.contended in one_waiting):
+                # One waiter per key: a 'coalesce' call would supersede another
+                # task's waiter that asked to wait its turn.
+                raise MutexConfigError(
+                    f'tasks {other.task!r} and {policy.task!r} share mutex_name '
+                    f'{policy.name!r} with mutex_contended {other.contended!r} and '
+                    f'{policy.contended!r}: with coalesce or replace, give them one '
+                    f'mutex_contended, or different mutex_name')
             if other.limit != policy.limit:
                 raise MutexConfigError(
                     f'tasks {other.task!r} and {policy.task!r} share mutex_name '
@@ -47,12 +81,19 @@ class MutexPolicies:
         lease is lost (prefork): threads, solo and green pools run tasks in the
         worker's own process, so a task would run on without its lease. Those
         pools need ``mutex_on_session_loss='continue'``, which says so."""
-        if self.settings.on_session_loss == 'continue':
-            return
         pool_cls = getattr(getattr(consumer, 'controller', None), 'pool_cls', None)
         pool = getattr(consumer, 'pool', None)
         module = getattr(pool_cls, '__module__', None) or type(pool).__module__
         if module.endswith('.prefork') or module.startswith('unittest'):
+            return
+        replacing = sorted(n for n, p in self._policies.items()
+                           if p is not None and p.contended == 'replace')
+        if replacing:  # whatever mutex_on_session_loss says: replacing *is* stopping
+            raise MutexConfigError(
+                f"task {replacing[0]!r}: option mutex_contended='replace' stops the running "
+                f"holder, which pool {module.rsplit('.', 1)[-1]!r} cannot do (it runs tasks "
+                f"in the worker process): use the prefork pool")
+        if self.settings.on_session_loss == 'continue':
             return
         guarded = sorted(n for n, p in self._policies.items() if p is not None)
         if guarded:

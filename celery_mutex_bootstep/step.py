@@ -89,6 +89,7 @@ class MutexStep(bootsteps.StartStopStep):
         try:
             self.gate.stop()
             self.gate.holders.republisher.close()
+            self.gate.verdicts.close()
             if self.gate.parked is not None:
                 self.gate.parked.lot.close()
         finally:

@@ -21,11 +21,14 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
+from celery.worker import state as worker_state
+
 from .waiting_summary import waiting_summary
 
 __all__ = ('Held', 'WaitingRoom', 'SINCE_HEADER', 'waiting_since')
 
 SINCE_HEADER = 'x-mutex-waiting-since'
+_REVOKE_POLL = 0.1
 
 
 def waiting_since(req: Any) -> float:
@@ -74,6 +77,7 @@ class WaitingRoom:
         self._by_key: Dict[str, Deque[Held]] = OrderedDict()
         self._count = 0
         self._compensated = 0
+        self._revoke_timer: Any = None
 
     def __len__(self) -> int:
         return self._count
@@ -166,3 +170,25 @@ class WaitingRoom:
             self.leave(held)
         self._compensated = 0
         return everyone
+
+    def poll_revoked(self) -> None:
+        """While messages wait, drop revoked ones at once (as revoked)."""
+        if self._revoke_timer is not None or not self._count:
+            return
+
+        def check() -> None:
+            self._revoke_timer = None
+            # Request.revoked() checks ids, stamped headers and expiry, and
+            # announces the revoke; ask it only when something can be revoked.
+            if (worker_state.revoked or getattr(worker_state, 'revoked_stamps', None)
+                    or any(h.req.expires for h in self)):
+                for held in list(self):
+                    if held.req.revoked():
+                        self.leave(held)
+            self.poll_revoked()
+        self._revoke_timer = self.later(_REVOKE_POLL, check)
+
+    def stop_polling(self) -> None:
+        if self._revoke_timer is not None:
+            self._revoke_timer.cancel()
+            self._revoke_timer = None

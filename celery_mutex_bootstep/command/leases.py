@@ -71,6 +71,7 @@ class LeaseNode:
             'path': self.path, 'key': self.name, 'digest': self.digest, 'slot': self.slot,
             'status': self.status, 'stale': self.status == STALE, 'reason': self.reason,
             'task': self.task, 'mutex': self.data.get('mutex'),
+            'contended': self.data.get('contended') or 'requeue',
             'key_values': {k: v for k, v in self.key_values()},
             'worker': self.worker, 'host': self.data.get('host'), 'pid': self.data.get('pid'),
             'task_id': self.task_id, 'acquired_at': self.acquired_at,

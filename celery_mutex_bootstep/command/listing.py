@@ -19,8 +19,14 @@ LEASE_HEADERS = ('KEY', 'STATUS', 'TASK', 'KEY VALUES', 'HOLDER', 'TASK ID', 'AG
                  'TIMEOUT', 'TOKEN')
 
 
+def _task(lease: LeaseNode) -> str:
+    """The holder's task, with its policy when it is not the default ``requeue``."""
+    contended = lease.data.get('contended')
+    return (lease.task or '?') + (f' ({contended})' if isinstance(contended, str) else '')
+
+
 def _lease_row(lease: LeaseNode, now: float) -> List[str]:
-    return [short_key(lease), lease.status, lease.task or '?', key_values(lease),
+    return [short_key(lease), lease.status, _task(lease), key_values(lease),
             holder(lease), lease.task_id or '?', duration(lease.age(now)),
             duration(lease.timeout), str(lease.token)]
 
