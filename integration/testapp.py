@@ -62,6 +62,17 @@ def work(self, key, duration=0.0, seq=None, until=None):
     return seq
 
 
+@app.task(bind=True, mutex_keys=('key',))
+def heavy(self, key, duration=0.0, seq=None, megabytes=0):
+    """work, in a pool process slow to die: a SIGKILL first frees ``megabytes`` of
+    touched memory (a holder with a big heap), which takes the kernel a while."""
+    ballast = b'x' * (int(megabytes) << 20)
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq if ballast is not None else None
+
+
 @app.task(bind=True, mutex_keys=('key',), acks_late=True)
 def work_late(self, key, duration=0.0, seq=None):
     record(self, 'start', key, seq=seq)
