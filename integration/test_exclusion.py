@@ -50,7 +50,7 @@ def _takeover(s, runs, watch, holder, key, t0):
     """The cut-off holder's death and the other worker's first start on its key."""
     first = sorted((r for r in runs if r.id == holder.id), key=lambda r: r.start)[0]
     assert first.end is None, f'the cut-off holder ran to its end: {describe(first, watch, t0)}'
-    died = watch.died_at(first.pid)
+    died = watch.died_at(first.pid, first.start)
     assert died is not None, f'the cut-off holder never died: {describe(first, watch, t0)}'
     others = [r for r in runs if r.key == key and r.worker != first.worker
               and r.start > first.start]
@@ -224,7 +224,8 @@ def test_quorum_delivery_count_rule_applies_when_a_lost_holder_is_handed_back(
     seen = s.records.executions()[0]
     t_cut = time.time()
     zk_proxy.stall()
-    wait_for(lambda: watch.died_at(seen.pid), timeout=30, message='the holder was killed')
+    wait_for(lambda: watch.died_at(seen.pid, seen.start), timeout=30,
+             message='the holder was killed')
     zk_proxy.resume()
     runs = wait_completed(s, [holder], timeout=60, workers=[a])
     assert_no_overlap(runs, watch, time.time(), t0=t_cut)

@@ -43,10 +43,10 @@ def test_holders_killed_for_a_lost_session_all_run_again(
 
     t_stall = time.time()
     proxy.stall()
-    wait_for(lambda: all(watch.died_at(r.pid) for r in first.values()),
+    wait_for(lambda: all(watch.died_at(r.pid, r.start) for r in first.values()),
              timeout=3 * SESSION_TIMEOUT, message='the holders killed')
     proxy.resume()
-    deaths = {r.task.rsplit('.', 1)[-1] + '/' + r.key: watch.died_at(r.pid) - t_stall
+    deaths = {f"{r.task.rsplit('.', 1)[-1]}/{r.key}": watch.died_at(r.pid, r.start) - t_stall
               for r in first.values()}
     print('holders seen dead after the stall (s):',
           ', '.join(f'{k} {v:.3f}' for k, v in sorted(deaths.items())))
