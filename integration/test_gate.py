@@ -226,10 +226,14 @@ def test_a_non_json_key_value_in_a_real_message_fails_once_and_is_not_requeued(s
     w = s.worker('w1', concurrency=2, env={'TEST_ACCEPT': 'json,pickle',
                                                  'C_FORCE_ROOT': '1'})  # CI runs as root
     bad = s.send('work', {1, 2}, 0, 0, serializer='pickle')
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as failed:
         bad.get(timeout=20)
     assert bad.state == 'FAILURE'
-    assert f'[{bad.id}] refused' in w.log_text()
+    # A clear error naming the task and the parameter, in the log and in the result.
+    name = f"task '{s.app_module}.work'"
+    line = [x for x in w.log_text().splitlines() if f'[{bad.id}] refused' in x]
+    assert line and 'ERROR' in line[0] and name in line[0] and "parameter 'key'" in line[0], line
+    assert name in str(failed.value) and 'JSON' in str(failed.value), failed.value
     assert s.send('work', 'ok', 0, 1).get(timeout=20) == 1, 'the worker survives'
     w.stop()
     assert len([x for x in w.log_text().splitlines()
