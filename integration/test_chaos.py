@@ -38,8 +38,9 @@ import pytest
 
 from .scenario import wait_for
 from .test_faults import (  # noqa: F401  (fixtures)
-    SESSION_TIMEOUT, assert_no_overlap, close_broker_connections, describe, lease_report,
-    mutex_log, proxy_factory, session_args, span_end, watch_factory)
+    SESSION_TIMEOUT, assert_no_overlap, assert_no_overlap_until_stopped,
+    close_broker_connections, describe, lease_report, mutex_log, proxy_factory, session_args,
+    span_end, watch_factory)
 
 ACCEPTED = re.compile(r'test: accepted ([0-9a-f-]+) pid')  # testapp's TEST_LOG_ACCEPTED
 KINDS = ('zk_restart', 'zk_down', 'worker_kill', 'broker_reset', 'proxy_stall')
@@ -288,6 +289,7 @@ def run_chaos(s, zk_factory, proxy_factory, watch_factory, *, n_tasks, n_faults,
     assert set(by_kind) == set(KINDS), by_kind
     assert killed or reran, 'the faults hit no running task: the run proves little'
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, chaos.watch, t0=t0)
 
 
 def test_chaos_short(zk_factory, proxy_factory, watch_factory, scenario):

@@ -93,6 +93,20 @@ def assert_no_overlap(runs, watch, test_end, t0=0.0):
         f'  {describe(a, watch, t0)}\n  {describe(b, watch, t0)}\n' for _, a, b in found[:10])
 
 
+def assert_no_overlap_until_stopped(s, watch, t0=0.0):
+    """Stop every worker of the scenario, then check every execution recorded: a
+    duplicate that started after ``wait_completed`` returned (which it does the moment
+    every task has an end record) is counted too."""
+    for w in s.workers:
+        w.terminate()
+    for w in s.workers:
+        w.stop(timeout=30)
+    watch.stop()  # a last look: every process of theirs is gone now
+    runs = s.records.executions()
+    assert_no_overlap(runs, watch, time.time(), t0)
+    return runs
+
+
 def wait_completed(s, handles, timeout=60.0, workers=()):
     """Wait until every task has a completed execution (an end record); return the
     executions. Fails naming the missing tasks and the lease nodes left."""
@@ -326,6 +340,7 @@ def test_zookeeper_restarted_within_the_session_timeout_keeps_the_session(
     assert all(r.start < t0 and r.end > t0 + outage for r in held), 'holders ran through it'
     assert_no_overlap(runs, watch, test_end)
     wait_for(lambda: s.lease_nodes() == [], timeout=10, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 2
@@ -386,6 +401,7 @@ def test_zookeeper_down_longer_than_the_session_timeout(zk_factory, watch_factor
         mine = [r for r in runs if r.id == h.id]
         assert len(mine) == 1 and mine[0].start > t_back, [describe(r) for r in mine]
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 3
@@ -461,6 +477,7 @@ def test_ensemble_leader_killed_then_quorum_lost_and_regained(zk_ensemble, watch
         assert mine[0].end is None, f'{describe(mine[0], watch, t_loss)} was not stopped'
         assert any(r.end is not None and r.start > t_back for r in mine[1:])
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 4
@@ -522,6 +539,7 @@ def test_killed_worker_leases_vanish_with_its_session_and_its_tasks_run_elsewher
         assert again[0].start >= died, 'ran again only once the old holder was dead'
     assert not [r for r in runs if r.worker == a_name and r.start > t_kill]
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 5
@@ -563,6 +581,7 @@ def test_broker_connection_reset_releases_the_leases_of_dropped_requests(
         assert len([r for r in runs if r.id == h.id]) == 1, 'ran once, after the reset'
     wait_for(lambda: s.lease_nodes() == [], timeout=10,
              message='no lease left once every task completed')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 6
@@ -612,6 +631,7 @@ def test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire(
               f'{died - t_stall:+.3f}s; b acquired {first_b - t_stall:+.3f}s '
               f'(stall 0..{t_resume - t_stall:.3f}s)')
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 7
@@ -768,6 +788,7 @@ def test_reconnect_answered_late_does_not_outlive_the_server_session(
             '--- zookeeper:\n' + '\n'.join(expiry) + '\n' + mutex_log([a])) from None
     assert log_lines(a, HOLDER_KILLED), mutex_log([a])
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 
@@ -815,6 +836,7 @@ def test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_i
     print(f'SIGCONT at {t_cont - t_reset:.3f}s')
     assert_no_overlap(runs, watch, test_end, t0=t_reset)
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 def test_on_session_loss_continue_lets_the_holder_finish(zk_factory, proxy_factory, scenario):
