@@ -196,3 +196,33 @@ def test_a_holder_that_ended_before_its_session_was_lost_is_not_run_again(app, w
     inbox.drain()
     assert world == [] and handed_back(req, h) == 0
     assert leases.released == [lease]
+
+
+def continuing_holder(app, started):
+    h, req, lease, inbox, leases = running_holder(app, 't.guarded', acknowledged=False)
+    h.settings = MutexSettings.from_app({'mutex_on_session_loss': 'continue'})
+    h.stopper.on_session_loss = 'continue'
+    if not started:
+        req.worker_pid, req.time_start = None, None
+    return h, req, lease, inbox, leases
+
+
+def test_continue_lets_a_running_holder_finish_once_without_running_it_again(app, world):
+    h, req, lease, inbox, leases = continuing_holder(app, started=True)
+    h.post(h.session_lost, lose_session(h, lease))
+    inbox.drain()
+    assert world == [], 'mutex_on_session_loss=continue: not killed'
+    assert handed_back(req, h) == 0, 'it finishes here: its message must not go back'
+    req.on_success((False, None, 0.01))
+    inbox.drain()
+    assert leases.released == [lease] and len(h) == 0
+
+
+def test_continue_still_keeps_a_holder_not_started_yet_from_starting(app, world):
+    h, req, lease, inbox, leases = continuing_holder(app, started=False)
+    h.post(h.session_lost, lose_session(h, lease))
+    inbox.drain()
+    assert world == []
+    assert handed_back(req, h) == 1, 'not started: it goes back, to run with a lease'
+    assert req._already_revoked, 'the pool refuses it should it still get there'
+    assert leases.released == [lease]
