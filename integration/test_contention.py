@@ -174,7 +174,7 @@ def test_hot_key_never_holds_more_than_the_bound(scenario):
 def test_slow_zookeeper_does_not_stop_plain_tasks(scenario, zk_factory):
     s = scenario
     node = zk_factory()
-    s.worker('w1', concurrency=2, hosts=node.hosts)
+    w = s.worker('w1', concurrency=2, hosts=node.hosts)
     s.send('work', 'slow', 0, 0).get(timeout=20)
     node.pause()
     try:
@@ -183,7 +183,8 @@ def test_slow_zookeeper_does_not_stop_plain_tasks(scenario, zk_factory):
         plain = [s.send('plain', i) for i in range(5)]
         assert results(plain, timeout=20) == list(range(5))
         print(f'plain tasks done {time.monotonic() - t0:.2f}s into the freeze')
-        time.sleep(0.5)
+        wait_for(lambda: all(f'[{h.id}] received' in w.log_text() for h in guarded),
+                 message='the guarded messages received')
         assert s.records.count('start') == 1 + 5, 'no guarded task ran while ZooKeeper was frozen'
     finally:
         node.resume()
