@@ -6,7 +6,6 @@ assertions are about what ran: no overlap per key, no contended run, no loss.
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
