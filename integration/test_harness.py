@@ -269,8 +269,9 @@ def test_process_watch_sees_a_real_death_and_a_reused_pid(monkeypatch):
     watch = processwatch.ProcessWatch(lambda: [SimpleNamespace(pid=me, hostname='w')])
     watch._scan()
     first = watch.incarnations(me)
+    reborn = int((time.time() - processwatch._BOOT) * processwatch._TICKS) + 1  # now
     monkeypatch.setattr(processwatch, 'stat', lambda pid: (
-        (real(pid)[0], real(pid)[1] + 500) if pid == me else real(pid)))
+        (real(pid)[0], reborn) if pid == me else real(pid)))
     watch.born[first[0]] -= 10  # the first was born long before the second
     t_reuse = time.time()
     watch._scan()
