@@ -106,7 +106,7 @@ class Holders:
         watch_request_end(
             req,
             ended=ended,
-            killed=lambda: (self.release_after_exit(req, lease), on_end()),
+            killed=lambda: (self._killed(req, lease), on_end()),
             started=lambda: self._started(req, lease),
             refused=lambda: self.post(self._refused_in_pool, req, lease),
             stopped=lambda: bool(req.__dict__.get('_mutex_killed')),
@@ -114,6 +114,20 @@ class Holders:
         self._check_before_pool(req, lease)
         if self._sweep_timer is None:
             self._sweep_overruns()
+
+    def _killed(self, req: Any, lease: Lease) -> None:
+        """The pool reports that the process running ``req`` was killed.
+
+        If the step killed it itself (``_mutex_killed``: session loss, overrun,
+        a request dropped by a broker reconnect), whoever killed it hands its
+        message back and releases the lease once the process exited. This
+        report must not release it first: for a lost session it usually comes
+        before the bookkeeping (the deadline thread posts that only once it saw
+        the process gone), which skips a released lease, and the message would
+        never go back (the task lost).
+        """
+        if not req.__dict__.get('_mutex_killed'):
+            self.release_after_exit(req, lease)
 
     def _check_before_pool(self, req: Any, lease: Lease) -> None:
         """Wrap the request's hand-over to the pool process (consumer thread).
