@@ -58,7 +58,7 @@ class Leases:
     def __init__(self):
         self.released = []
 
-    def release(self, lease):
+    def release(self, lease, with_turn=False):
         if not lease._claim_release():
             return False
         self.released.append(lease)
