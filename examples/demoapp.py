@@ -59,6 +59,10 @@ app.conf.update(
 )
 if GUARDED:
     install(app)  # the mutex step and the --mutex-hosts worker flag
+else:
+    # The contrast run: the same guarded tasks on purpose without the step. Without
+    # this opt-out they would fail closed (refuse to run without a lease).
+    app.conf.mutex_require_lease = False
 
 
 @after_setup_logger.connect
