@@ -37,7 +37,7 @@ from typing import List, Optional
 import pytest
 
 from .scenario import wait_for
-from .test_faults import (  # noqa: F401  (fixtures)
+from .faults import (  # noqa: F401  (fixtures)
     SESSION_TIMEOUT, assert_no_overlap, assert_no_overlap_until_stopped,
     close_broker_connections, describe, lease_report, mutex_log, proxy_factory, session_args,
     span_end, watch_factory)

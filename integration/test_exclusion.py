@@ -14,7 +14,7 @@ import pytest
 
 from .scenario import wait_for
 from .tcpproxy import TcpProxy
-from .test_faults import (SESSION_GIVEN_UP, _started, assert_no_overlap,  # noqa: F401
+from .faults import (SESSION_GIVEN_UP, _started, assert_no_overlap,  # noqa: F401
                           assert_no_overlap_until_stopped, describe, watch_factory,
                           log_lines, mutex_log, session_args, wait_completed)
 

@@ -15,7 +15,7 @@ from integration import zkserver
 
 from .scenario import wait_for
 from .tcpproxy import TcpProxy
-from .test_faults import (  # noqa: F401  (fixtures)
+from .faults import (  # noqa: F401  (fixtures)
     SESSION_GIVEN_UP, _started, assert_no_overlap_until_stopped, describe, log_lines,
     mutex_log, session_args, wait_completed, watch_factory)
 

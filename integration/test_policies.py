@@ -11,7 +11,7 @@ from celery_mutex_bootstep.parking import park_queue_name
 
 from .records import overlaps
 from .scenario import wait_for
-from .test_faults import (  # noqa: F401  (watch_factory: a fixture used below)
+from .faults import (  # noqa: F401  (watch_factory: a fixture used below)
     SESSION_TIMEOUT, assert_no_overlap, session_args, watch_factory)
 
 APP = 'integration.policyapp'

@@ -1,11 +1,11 @@
 """Session loss on real services: what happens to the holders' messages.
 
-Shares the fault tests' helpers (test_faults.py).
+Shares the fault tests' helpers (integration/faults.py).
 """
 import time
 
 from .scenario import wait_for
-from .test_faults import (  # noqa: F401  (fixtures)
+from .faults import (  # noqa: F401  (fixtures)
     HOLDER_KILLED, SESSION_TIMEOUT, _started, assert_results_succeeded, describe, log_lines,
     mutex_log, proxy_factory, session_args, wait_completed, watch_factory)
 

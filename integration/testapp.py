@@ -203,7 +203,7 @@ if os.environ.get('TEST_BAD_OPTION') == 'mutex_keys':
         pass
 
 
-# --- fault tests (integration/test_faults.py, test_chaos.py) ---------------------------
+# --- fault tests (integration/test_faults.py, test_worker_faults.py, test_chaos.py) ----
 
 @app.task(bind=True, mutex_keys=('key',))
 def fenced(self, key, duration=0.0, seq=None):

@@ -10,8 +10,8 @@ set -euf  # -f: the test ids below hold [brackets], not globs
 PYTHON3=${PYTHON3:-python3}
 SUBSET="integration/test_gate.py integration/test_release.py integration/test_exclusion.py
         integration/test_command.py integration/test_faults.py::test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire
-        integration/test_faults.py::test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_it
-        integration/test_faults.py::test_broker_connection_reset_releases_the_leases_of_dropped_requests
+        integration/test_worker_faults.py::test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_it
+        integration/test_worker_faults.py::test_broker_connection_reset_releases_the_leases_of_dropped_requests
         integration/test_contention.py::test_quorum_queue_delivery_limit_loses_nothing
         integration/test_no_hoarding.py
         integration/test_broker_restart.py
