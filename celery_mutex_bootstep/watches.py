@@ -97,6 +97,7 @@ class Watches:
         """An exists answered (kazoo's completion thread, which is not the one
         delivering watch events: the event may already have been seen)."""
         fire = False
+        parent = False
         with self._lock:
             node = self._nodes.get(path)
             if node is None:
@@ -108,11 +109,15 @@ class Watches:
                 fire = True  # free now
             elif node.fired == fired:
                 node.armed = True
+                # Persistent: readers' parent (shared.py): cleaned once empty.
+                parent = not stat.ephemeralOwner
             else:
                 fire = True  # it was deleted meanwhile
             self._tidy(path, node)
         if fire:
             self._fire(path)
+        elif parent:
+            self.leases.shared.parent_seen(path, stat)
 
     def _event(self, event: Any) -> None:
         path = event.path

@@ -1,0 +1,88 @@
+"""Shared (read) locks without services: the join's ops, what its answers mean, the
+option's validation."""
+import pytest
+from celery import Celery
+from kazoo.exceptions import (NoChildrenForEphemeralsError, NodeExistsError, NoNodeError,
+                              NoAuthError, RolledBackError, RuntimeInconsistency)
+
+from celery_mutex_bootstep.exceptions import MutexConfigError
+from celery_mutex_bootstep.options import MutexSettings, policy_for_task
+from celery_mutex_bootstep.policies import MutexPolicies
+from celery_mutex_bootstep.shared import (FAILED, GRANTED, HELD, MARKED, PARENT_DATA,
+                                          RETRY_ABSENT, RETRY_PRESENT, interpret, join_ops)
+
+
+def test_a_join_checks_the_marker_then_creates_its_child_and_ticks_the_clock():
+    ops = join_ops('/ns/.writer-waiting-k', '/ns/k', '/ns/k/r-1-0', b'd', True, '/ns/.clock-1')
+    assert [(m, a[0]) for m, a, _ in ops] == [
+        ('create', '/ns/.writer-waiting-k'), ('delete', '/ns/.writer-waiting-k'),
+        ('create', '/ns/k/r-1-0'), ('set_data', '/ns/.clock-1')]
+    assert ops[2][2] == {'ephemeral': True}
+    absent = join_ops('/ns/m', '/ns/k', '/ns/k/r-1-0', b'd', False, None)
+    # The parent is created persistent, then set once: version 1, never an exclusive
+    # lease node's 0, so a reader's delete (at version 1) never removes one.
+    assert [(m, a) for m, a, _ in absent[2:4]] == [('create', ('/ns/k', b'')),
+                                                   ('set_data', ('/ns/k', PARENT_DATA))]
+    assert absent[2][2] == {} and absent[4][2] == {'ephemeral': True}
+    assert len(absent) == 5  # no clock, no token op
+
+
+def failed_at(i, exc, n):
+    return [RolledBackError() if j < i else exc if j == i else RuntimeInconsistency()
+            for j in range(n)]
+
+
+@pytest.mark.parametrize('answers, exists, meaning', [
+    (['/m', None, '/k/r', object()], True, GRANTED),
+    (failed_at(0, NodeExistsError(), 4), True, MARKED),
+    (failed_at(2, NoChildrenForEphemeralsError(), 4), True, HELD),
+    (failed_at(4, NoChildrenForEphemeralsError(), 6), False, HELD),
+    (failed_at(2, NoNodeError(), 4), True, RETRY_ABSENT),
+    (failed_at(2, NodeExistsError(), 6), False, RETRY_PRESENT),
+    (failed_at(3, NoNodeError(), 4), True, FAILED),          # the clock node is gone
+    (failed_at(2, NoAuthError(), 4), True, FAILED),
+    (None, True, FAILED),
+])
+def test_what_a_join_answered(answers, exists, meaning):
+    assert interpret(answers, exists) == meaning
+
+
+@pytest.fixture
+def app():
+    return Celery('shared', broker='memory://', set_as_current=False)
+
+
+def fn(a):
+    pass
+
+
+def test_mutex_shared_is_a_bool_and_refused_where_it_makes_no_sense(app):
+    settings = MutexSettings.from_app({})
+
+    @app.task(shared=False, name='r', mutex_keys=('a',), mutex_shared=True)
+    def r(a):
+        pass
+    assert policy_for_task(r, settings).shared is True
+
+    @app.task(shared=False, name='bad', mutex_keys=('a',), mutex_shared='yes')
+    def bad(a):
+        pass
+    with pytest.raises(MutexConfigError, match=r"task 'bad': option mutex_shared must be"):
+        policy_for_task(bad, settings)
+    for opts, word in (({'mutex_limit': 2}, 'mutex_limit=2'),
+                       ({'mutex_contended': 'replace'}, "'replace'"),
+                       ({'mutex_contended': 'coalesce'}, "'coalesce'")):
+        other = Celery('o', broker='memory://', set_as_current=False)
+        other.task(shared=False, name='t', mutex_keys=('a',), mutex_shared=True, **opts)(fn)
+        with pytest.raises(MutexConfigError, match=f"task 't': option mutex_shared=True.*{word}"):
+            MutexPolicies(other, settings).validate_all()
+
+
+def test_the_mutex_names_some_task_reads_are_known(app):
+    app.task(shared=False, name='r', mutex_name='acct', mutex_keys=('a',), mutex_shared=True)(fn)
+    app.task(shared=False, name='w', mutex_name='acct', mutex_keys=('a',))(fn)
+    app.task(shared=False, name='x', mutex_keys=('a',))(fn)
+    policies = MutexPolicies(app, MutexSettings.from_app({}))
+    policies.validate_all()
+    assert policies.shared_names == {'acct'}
+    assert policies.get('w').shared is False and policies.get('r').shared is True
