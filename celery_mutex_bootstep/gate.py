@@ -143,7 +143,9 @@ class MutexGate:
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
         if key.policy.contended in ('requeue', 'coalesce', 'replace') and (
                 self.room.has_waiters(key.digest)
-                or self._in_flight[key.digest] >= key.policy.limit
+                or self._in_flight[key.digest] - (  # readers do not wait for readers
+                    self._in_flight['r' + key.digest] if key.policy.shared else 0
+                ) >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
             # Queue behind the key's waiters (here, asking, and parked): arrival
             # order, whatever order ZooKeeper's answers come back in.
@@ -184,11 +186,11 @@ class MutexGate:
         if held is not None:
             held.trying = True
         else:
-            self._in_flight[key.digest] += 1
+            self._in_flight.update(key.in_flight)
         self.places.trying(req)
         data = lease_data(req, key, hostname=self.hostname,
                           store_values=self.settings.store_values)
-        self.leases.acquire(key.slots, data, answered, owner=req.id)
+        self.leases.acquire(key.slots, data, answered, owner=req.id, shared=key.policy.shared)
 
     def _answered(self, req: Any, key: MutexKey, held: Optional[Held], generation: int,
                   outcome: str, lease: Optional[Lease], exc: Optional[BaseException],
@@ -198,9 +200,10 @@ class MutexGate:
             if held is not None:
                 held.trying = False
             elif generation == self._generation:
-                self._in_flight[key.digest] -= 1
-                if self._in_flight[key.digest] <= 0:
-                    del self._in_flight[key.digest]
+                self._in_flight.subtract(key.in_flight)
+                for name in key.in_flight:
+                    if self._in_flight[name] <= 0:
+                        del self._in_flight[name]
             if lease is not None and outcome != LeaseOutcome.ACQUIRED:
                 self.leases.release(lease)  # won under a session given up since
                 lease = None
@@ -215,8 +218,8 @@ class MutexGate:
                     self.room.leave(held)
                     worker_state.task_reserved(req)
                 self._grant(req, key, lease)
-                if self.room.has_waiters(key.digest):
-                    self._watch(key)
+                if self.room.has_waiters(key.digest):  # a reader: the next may join it now
+                    self._wake(key.digest, generation) if key.policy.shared else self._watch(key)
                 if self.parked is not None:
                     self.parked.refill(key.digest)
             elif held is not None:
@@ -243,6 +246,8 @@ class MutexGate:
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
         self.metrics.inc('acquired')
+        if not key.policy.shared and key.policy.name in self.policies.shared_names:
+            self.leases.shared.writer_done(key.digest)  # new readers may join again
         if logger.isEnabledFor(logging.DEBUG):  # describe() formats the values
             logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
                          key.describe(), lease.token)
@@ -283,13 +288,14 @@ class MutexGate:
         self.room.poll_revoked()
 
     def _watch(self, key: MutexKey) -> None:
-        digest = key.digest
+        digest, shared = key.digest, key.policy.shared
+        if not shared and key.policy.name in self.policies.shared_names:
+            self.leases.shared.writer_waits(digest)  # no new readers meanwhile
         if digest in self._watching or not self.leases.connected:
             return
         self._watching.add(digest)
-        generation = self._generation
-        post = self._post
-        self.leases.watch(key.slots, lambda: post(self._wake, digest, generation))
+        generation, post = self._generation, self._post
+        self.leases.watch(key.slots, lambda: post(self._wake, digest, generation), shared)
 
     def _wake(self, digest: str, generation: int) -> None:
         """A lease of ``digest`` may be free: its first waiter tries again."""
@@ -297,6 +303,8 @@ class MutexGate:
         if generation != self._generation:
             return
         held = self.room.first(digest)
+        if self.policies.shared_names and (held is None or held.key.policy.shared):
+            self.leases.shared.writer_done(digest)  # no exclusive call heads its line
         if held is not None and not held.trying:
             if not self.places.free():
                 self.places.woken(digest)  # it tries when a place frees

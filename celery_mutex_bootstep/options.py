@@ -282,6 +282,12 @@ class MutexKey:
         return (self.digest,) if limit == 1 else tuple(
             f'{self.digest}-{i}' for i in range(limit))
 
+    @property
+    def in_flight(self) -> tuple:
+        """What a first try counts in the gate's in-flight tally: the key, and
+        ``r<digest>`` for a reader (readers need not wait for readers)."""
+        return (self.digest, 'r' + self.digest) if self.policy.shared else (self.digest,)
+
     def describe(self) -> str:
         """Human text for logs: ``task[account=7]``."""
         pairs = ', '.join(f'{k}={v!r}'[:80] for k, v in zip(self.policy.keys, self.values))

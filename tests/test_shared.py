@@ -1,5 +1,7 @@
 """Shared (read) locks without services: the join's ops, what its answers mean, the
 option's validation."""
+from types import SimpleNamespace
+
 import pytest
 from celery import Celery
 from kazoo.exceptions import (NoChildrenForEphemeralsError, NodeExistsError, NoNodeError,
@@ -56,6 +58,12 @@ def fn(a):
     pass
 
 
+def only(*tasks):
+    """Policies of just these tasks (other test modules' shared tasks join every app)."""
+    return MutexPolicies(SimpleNamespace(tasks={t.name: t for t in tasks}),
+                         MutexSettings.from_app({}))
+
+
 def test_mutex_shared_is_a_bool_and_refused_where_it_makes_no_sense(app):
     settings = MutexSettings.from_app({})
 
@@ -69,20 +77,20 @@ def test_mutex_shared_is_a_bool_and_refused_where_it_makes_no_sense(app):
         pass
     with pytest.raises(MutexConfigError, match=r"task 'bad': option mutex_shared must be"):
         policy_for_task(bad, settings)
-    for opts, word in (({'mutex_limit': 2}, 'mutex_limit=2'),
-                       ({'mutex_contended': 'replace'}, "'replace'"),
-                       ({'mutex_contended': 'coalesce'}, "'coalesce'")):
-        other = Celery('o', broker='memory://', set_as_current=False)
-        other.task(shared=False, name='t', mutex_keys=('a',), mutex_shared=True, **opts)(fn)
-        with pytest.raises(MutexConfigError, match=f"task 't': option mutex_shared=True.*{word}"):
-            MutexPolicies(other, settings).validate_all()
+    for n, (opts, word) in enumerate((({'mutex_limit': 2}, 'mutex_limit=2'),
+                                      ({'mutex_contended': 'replace'}, "'replace'"),
+                                      ({'mutex_contended': 'coalesce'}, "'coalesce'"))):
+        t = app.task(shared=False, name=f't{n}', mutex_keys=('a',), mutex_shared=True, **opts)(fn)
+        with pytest.raises(MutexConfigError, match=f"task 't{n}': option mutex_shared=True.*{word}"):
+            only(t).validate_all()
 
 
 def test_the_mutex_names_some_task_reads_are_known(app):
-    app.task(shared=False, name='r', mutex_name='acct', mutex_keys=('a',), mutex_shared=True)(fn)
-    app.task(shared=False, name='w', mutex_name='acct', mutex_keys=('a',))(fn)
-    app.task(shared=False, name='x', mutex_keys=('a',))(fn)
-    policies = MutexPolicies(app, MutexSettings.from_app({}))
+    policies = only(
+        app.task(shared=False, name='r', mutex_name='acct', mutex_keys=('a',),
+                 mutex_shared=True)(fn),
+        app.task(shared=False, name='w', mutex_name='acct', mutex_keys=('a',))(fn),
+        app.task(shared=False, name='x', mutex_keys=('a',))(fn))
     policies.validate_all()
     assert policies.shared_names == {'acct'}
     assert policies.get('w').shared is False and policies.get('r').shared is True
