@@ -263,15 +263,7 @@ class MutexGate:
 
     def _wait(self, req: Any, key: MutexKey, outcome: str,
               exc: Optional[BaseException] = None, seq: int = 0, tried: bool = False) -> None:
-        worker_state.task_ready(req)
-        if outcome == LeaseOutcome.CONTENDED:
-            self.metrics.inc('contended')
-            req.send_event('mutex-contended', key=key.digest, mutex=key.describe())
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
-        else:
-            self.metrics.inc('unavailable')
-            self.endings.log_unavailable(req, exc)
+        self.endings.waits(req, key, outcome == LeaseOutcome.CONTENDED, exc)
         if key.policy.contended in ONE_WAITING and not self.coalesce.make_room(req, key, seq):
             return  # superseded by the key's newer waiter
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None

@@ -108,3 +108,22 @@ def test_a_stale_empty_parent_is_cleaned_by_the_next_waiter(make_leases, observe
         observer.delete(f'{namespace}/k', version=1)
     _, stat = observer.get(f'{namespace}/k')
     assert stat.ephemeralOwner == w.session_id and stat.version == 0
+
+
+def test_mutex_list_reads_each_reader_as_a_lease_and_skips_an_empty_parent(
+        make_leases, observer, namespace):
+    from celery_mutex_bootstep.command.leases import read_leases
+    from celery_mutex_bootstep.command.options import Target
+    from celery_mutex_bootstep.options import MutexSettings
+    digest, empty = 'a' * 64, 'b' * 64
+    a, b = make_leases(), make_leases()
+    la = acquire(a, digest, shared=True)[1]
+    lb = acquire(b, digest, shared=True)[1]
+    observer.create(f'{namespace}/{empty}', b'')   # a dead reader's parent
+    observer.set(f'{namespace}/{empty}', b'{"shared":true}')
+    target = Target(settings=MutexSettings.from_app({}), namespace=namespace,
+                    hosts_source='test')
+    found = read_leases(observer, target, 5)
+    assert sorted((n.path, n.session_id, n.digest) for n in found) == sorted(
+        [(la.path, a.session_id, digest), (lb.path, b.session_id, digest)])
+    assert all(n.token == (la if n.path == la.path else lb).token for n in found)
