@@ -280,9 +280,10 @@ class MutexGate:
         self.room.poll_revoked()
 
     def _watch(self, key: MutexKey) -> None:
-        digest, shared = key.digest, key.policy.shared
-        if not shared and key.policy.name in self.policies.shared_names:
-            self.leases.shared.writer_waits(digest)  # no new readers meanwhile
+        digest, shared, first = key.digest, key.policy.shared, self.room.first(key.digest)
+        if (not shared and key.policy.name in self.policies.shared_names
+                and (first is None or not first.key.policy.shared)):
+            self.leases.shared.writer_waits(digest)  # heads its line: no new readers now
         if digest in self._watching or not self.leases.connected:
             return
         self._watching.add(digest)

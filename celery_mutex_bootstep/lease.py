@@ -257,7 +257,7 @@ class ZooKeeperLeases:
         if self._connected:
             paths = (self.shared.watch_paths(keys) if shared
                      else [self.path_for(k) for k in keys])
-            self.watches.watch(paths, callback)
+            self.watches.watch(paths, callback, reader=shared)
 
     def release(self, lease: Lease, with_turn: bool = False) -> bool:
         """Delete the lease's node, once. Safe from any thread.

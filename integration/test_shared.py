@@ -97,7 +97,7 @@ def test_an_expired_readers_session_frees_the_waiting_writer(zk, make_leases, ob
 
 def test_a_stale_empty_parent_is_cleaned_by_the_next_waiter(make_leases, observer, namespace):
     w = make_leases()
-    observer.create(f'{namespace}/k', b'')
+    observer.create(f'{namespace}/k', b'', makepath=True)
     observer.set(f'{namespace}/k', b'{"shared":true}')   # as a crashed reader leaves it
     assert acquire(w, 'k')[0] == LeaseOutcome.CONTENDED
     fired = watched(w, 'k')
@@ -127,3 +127,16 @@ def test_mutex_list_reads_each_reader_as_a_lease_and_skips_an_empty_parent(
     assert sorted((n.path, n.session_id, n.digest) for n in found) == sorted(
         [(la.path, a.session_id, digest), (lb.path, b.session_id, digest)])
     assert all(n.token == (la if n.path == la.path else lb).token for n in found)
+
+
+def test_a_readers_watch_on_other_readers_fires_at_once_a_writers_waits(make_leases, namespace):
+    r, w = make_leases(), make_leases()
+    _, lease = acquire(r, 'k', shared=True)
+    writer = watched(w, 'k')
+    assert wait_for(lambda: w.watches.known_held(f'{namespace}/k'))
+    # a reader queued on w (behind an exclusive call that was in flight) need not wait
+    # for the readers to finish: it may join them; asked again once w's watch is armed
+    assert watched(w, 'k', shared=True).wait(5)
+    assert watched(w, 'k', shared=True).is_set()
+    assert not writer.wait(0.3)
+    assert acquire(w, 'k', shared=True)[0] == LeaseOutcome.ACQUIRED
