@@ -378,7 +378,8 @@ class MutexGate:
         if state != 'connected':
             self._watching.clear()  # kazoo re-arms watches only within a session
             return
-        digests = {h.key.digest for h in self.room}
+        # and keys this worker marked for exclusive waiters that may have left meanwhile
+        digests = {h.key.digest for h in self.room} | self.leases.shared.marked()
         if self.parked is not None:
             digests.update(self.parked.flagged)
         for digest in sorted(digests):

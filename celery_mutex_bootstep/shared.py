@@ -22,8 +22,8 @@ Guarantees:
   (``create+delete`` of the writer-waiting marker, ``create`` of the parent if
   absent, ``create`` of the child, the session clock's ``setData`` for the
   token), so its checks and the join happen at one zxid.
-* Exclusive waiters are not starved: a worker with an exclusive call waiting
-  for a key of a mutex some task reads keeps the ephemeral marker
+* Exclusive waiters are not starved: a worker whose exclusive call heads the
+  line of a key of a mutex some task reads keeps the ephemeral marker
   ``<namespace>/.writer-waiting-<K>``; a reader's join fails while it exists
   (its ``create`` in the multi fails), so new readers wait, the present ones
   finish, the parent goes and the exclusive call gets the key. The marker goes
@@ -46,9 +46,9 @@ Failure cases:
   child is named, so the orphan reaper (:mod:`.orphans`) deletes it on
   reconnect; a parent it created is cleaned as above.
 * A marker whose exclusive waiter left this worker another way (parked,
-  revoked, timed out) stays until the key's watch fires here (the readers
-  finished), or the session ends: new readers meanwhile wait as if the
-  exclusive call were still in line. Never longer than the readers present.
+  revoked, timed out) stays until the key's watch fires here (its holders are
+  done), the session reconnects (the gate then rechecks every marked key) or
+  ends: new readers meanwhile wait as if the exclusive call were still in line.
 * With several exclusive waiters on several workers only one marker exists;
   when its owner is granted the key, the others re-mark at their next try or
   recheck (each second), so at most one wave of readers slips in between.
@@ -315,6 +315,11 @@ class SharedLocks:
             self.leases.client.delete_async(mine[0]).rawlink(_ignore)
         except Exception:
             pass
+
+    def marked(self) -> Set[str]:
+        """Keys whose marker this worker keeps (or asked for)."""
+        with self._lock:
+            return set(self._markers)
 
     def reset(self) -> None:
         """The session is gone, and its markers with it."""
