@@ -7,7 +7,7 @@ from celery_mutex_bootstep.keys import key_digest
 
 from .records import overlaps
 from .scenario import wait_for
-from .test_faults import observer, wait_completed
+from .test_faults import SESSION_TIMEOUT, observer, session_args, wait_completed
 from .test_policies import policy_scenario  # noqa: F401 (a fixture)
 
 
@@ -66,3 +66,29 @@ def test_a_killed_workers_readers_free_the_key_for_the_waiting_writer(policy_sce
     assert len(w) == 1 and w[0].worker == s.nodename(b)
     late = [r for r in runs if r.extra['seq'] == 11]
     assert len(late) == 1 and late[0].start >= w[0].end, 'the later reader overtook the writer'
+
+
+def test_readers_killed_with_the_session_run_again_and_never_beside_the_writer(
+        zk_factory, policy_scenario):
+    s = policy_scenario()
+    node = zk_factory()
+    s.zk_hosts = node.hosts
+    s.worker('a', concurrency=3, hosts=node.hosts, extra_args=session_args())
+    readers = [s.send('read_book', 5, 3.0, i) for i in range(2)]
+    wait_for(lambda: s.records.count('start') == 2, message='both readers run')
+    writer = s.send('write_book', 5, 0.3, 10)   # waits for them in the consumer
+    time.sleep(0.3)
+    t_stop = time.time()
+    node.stop()
+    time.sleep(2 * SESSION_TIMEOUT)  # the session is given up: the readers are killed
+    node.start()
+    node.wait_ready()
+    assert [h.get(timeout=60) for h in readers + [writer]] == [0, 1, 10]
+    runs = s.records.executions()
+    # a killed reader counts as running until ZooKeeper was back, at the latest
+    _, exclusive = split(overlaps(runs, open_end=t_stop + 2 * SESSION_TIMEOUT))
+    assert exclusive == [], 'the writer overlapped a reader: ' + repr(exclusive)
+    killed = [r for r in runs if r.end is None]
+    assert sorted(r.extra['seq'] for r in killed) == [0, 1], 'the readers were not stopped'
+    for seq in (0, 1, 10):
+        assert len([r for r in runs if r.extra['seq'] == seq and r.end is not None]) == 1
