@@ -94,3 +94,59 @@ def test_the_mutex_names_some_task_reads_are_known(app):
     policies.validate_all()
     assert policies.shared_names == {'acct'}
     assert policies.get('w').shared is False and policies.get('r').shared is True
+
+
+# -- the gate's wiring (no services: the fixture of test_policy_gate) -----------------
+
+from test_policy_gate import gate, request  # noqa: E402,F401 (a fixture)
+
+
+def book_keys(app):
+    reader = app.task(shared=False, name='read', mutex_name='book', mutex_keys=('a',),
+                      mutex_shared=True)(fn)
+    writer = app.task(shared=False, name='write', mutex_name='book', mutex_keys=('a',))(fn)
+    settings = MutexSettings.from_app({})
+    return (policy_for_task(reader, settings).key_for((1,), {}),
+            policy_for_task(writer, settings).key_for((1,), {}))
+
+
+def test_readers_do_not_queue_behind_readers_asking_but_do_behind_a_writer(gate, monkeypatch):
+    g, app = gate
+    rkey, wkey = book_keys(app)
+    assert rkey.digest == wkey.digest
+    tried = []
+    monkeypatch.setattr(g, '_try', lambda req, key, held, seq=0: (
+        tried.append(req.id), g._in_flight.update(key.in_flight)))
+    monkeypatch.setattr(g, '_watch', lambda key: None)
+    monkeypatch.setattr(g.room, 'poll_revoked', lambda: None)
+    monkeypatch.setattr(g, 'parked', None)  # all wait in the consumer
+    reqs = [request(i) for i in 'abcd']
+    for r in reqs:
+        r.send_event = lambda *args, **kw: None
+    g._admit(reqs[0], rkey, 1)
+    g._admit(reqs[1], rkey, 2)          # a reader beside a reader asking
+    g._admit(reqs[2], wkey, 3)          # a writer waits behind them
+    g._admit(reqs[3], rkey, 4)          # and a later reader behind the writer
+    assert tried == ['a', 'b'] and [h.req.id for h in g.room] == ['c', 'd']
+
+
+def test_an_exclusive_waiter_marks_the_key_only_at_the_head_of_its_line(gate, monkeypatch):
+    g, app = gate
+    rkey, wkey = book_keys(app)
+    g.policies.shared_names = {'book'}
+    marks, unmarks = [], []
+    monkeypatch.setattr(g.leases.shared, 'writer_waits', marks.append)
+    monkeypatch.setattr(g.leases.shared, 'writer_done', unmarks.append)
+    monkeypatch.setattr(g.leases, 'watch', lambda *args: None)
+    monkeypatch.setattr(g, '_try', lambda *args: None)
+    g.room.hold(request('r'), rkey, 1.0, 1, compensate=False)
+    g._watch(wkey)                      # a reader heads the line: it would wait for it
+    assert marks == []
+    g._wake(rkey.digest, g._generation)  # the reader at the head: no marker here
+    assert unmarks == [rkey.digest]
+    g.room.leave(g.room.first(rkey.digest))
+    g.room.hold(request('w'), wkey, 1.0, 2, compensate=False)
+    g._watch(wkey)
+    assert marks == [wkey.digest]
+    g._watch(rkey)                      # a reader's watch never marks
+    assert marks == [wkey.digest]
