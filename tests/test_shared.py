@@ -150,3 +150,39 @@ def test_an_exclusive_waiter_marks_the_key_only_at_the_head_of_its_line(gate, mo
     assert marks == [wkey.digest]
     g._watch(rkey)                      # a reader's watch never marks
     assert marks == [wkey.digest]
+
+
+def test_a_sweep_restarts_a_parked_line_behind_a_dead_readers_empty_parent():
+    """A parked line whose key node is a readers' parent with no readers left (their
+    session expired, nobody here waits) is free: the sweep unparks it and cleans the
+    parent; one with readers is held."""
+    import json as _json
+    from celery_mutex_bootstep.parking import ParkingLot
+
+    class Result:
+        def __init__(self, value):
+            self.value = value
+
+        def get(self, timeout=None):
+            return self.value
+
+    def stat(owner, children):
+        return SimpleNamespace(ephemeralOwner=owner, numChildren=children, version=1)
+    nodes = {'/ns/empty': stat(0, 0), '/ns/readers': stat(0, 2), '/ns/held': stat(7, 0)}
+    client = SimpleNamespace(
+        get_children_async=lambda path: Result(['empty', 'readers', 'held']),
+        get_async=lambda path: Result(
+            (_json.dumps({'paths': ['/ns/' + path.rsplit('/', 1)[1]]}).encode(), None)),
+        exists_async=lambda path: Result(nodes[path]))
+    seen = []
+    leases = SimpleNamespace(client=client, connected=True, shared=SimpleNamespace(
+        parent_seen=lambda path, st: seen.append(path)))
+    lot = object.__new__(ParkingLot)
+    unparked = []
+    lot.leases, lot.root = leases, '/ns/.parked'
+    lot.known = lambda: ()
+    lot._measure = lambda: None
+    lot._unpark = lambda digest, queue_type: unparked.append(digest)
+    lot._sweep()
+    assert unparked == ['empty']
+    assert sorted(seen) == ['/ns/empty', '/ns/readers']
