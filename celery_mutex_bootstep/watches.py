@@ -15,6 +15,11 @@ full semaphore or a held mutex answers "contended" with no round trip; a stale
 answer is impossible to act on wrongly, since the waiter it creates is woken by
 the very event that ends the staleness.
 
+A persistent node at a lease path is a readers' parent (:mod:`.shared`): it
+is known held for exclusive waiters, while a reader waiting for it is called
+back at once (it may join the readers); and it is deleted once it has no
+children, so a dead reader's parent never holds the key.
+
 Session states: on any disconnection everything here is forgotten (within a
 session kazoo re-arms its watches, but a new session has none; the gate
 re-watches every waited-for key when the session is back).

@@ -3,6 +3,8 @@ key overlap each other, no exclusive holder overlaps anything, nothing is lost; 
 worker SIGKILLed while its readers hold frees the key for the exclusive call."""
 import time
 
+import pytest
+
 from celery_mutex_bootstep.keys import key_digest
 
 from .records import overlaps
@@ -18,8 +20,9 @@ def split(pairs):
     return readers, exclusive
 
 
-def test_readers_run_together_and_writers_alone_across_two_workers(policy_scenario):
-    s = policy_scenario()
+@pytest.mark.parametrize('broker', ['rabbitmq', 'redis'])
+def test_readers_run_together_and_writers_alone_across_two_workers(policy_scenario, broker):
+    s = policy_scenario(broker)
     workers = [s.worker('a', concurrency=3), s.worker('b', concurrency=3)]
     handles = []
     for i in range(24):  # a writer after every 3 readers, all on one account
