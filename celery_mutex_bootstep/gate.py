@@ -143,9 +143,7 @@ class MutexGate:
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
         if key.policy.contended in ('requeue', 'coalesce', 'replace') and (
                 self.room.has_waiters(key.digest)
-                or self._in_flight[key.digest] - (  # readers do not wait for readers
-                    self._in_flight['r' + key.digest] if key.policy.shared else 0
-                ) >= key.policy.limit
+                or key.asking_ahead(self._in_flight) >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
             # Queue behind the key's waiters (here, asking, and parked): arrival
             # order, whatever order ZooKeeper's answers come back in.
@@ -378,7 +376,7 @@ class MutexGate:
         if state != 'connected':
             self._watching.clear()  # kazoo re-arms watches only within a session
             return
-        # and keys this worker marked for exclusive waiters that may have left meanwhile
+        # and the keys marked for exclusive waiters here, which may have left since
         digests = {h.key.digest for h in self.room} | self.leases.shared.marked()
         if self.parked is not None:
             digests.update(self.parked.flagged)

@@ -288,6 +288,12 @@ class MutexKey:
         ``r<digest>`` for a reader (readers need not wait for readers)."""
         return (self.digest, 'r' + self.digest) if self.policy.shared else (self.digest,)
 
+    def asking_ahead(self, in_flight: Mapping[str, int]) -> int:
+        """First tries of this key not answered yet that it must queue behind
+        (a reader does not wait for readers)."""
+        readers = in_flight['r' + self.digest] if self.policy.shared else 0
+        return in_flight[self.digest] - readers
+
     def describe(self) -> str:
         """Human text for logs: ``task[account=7]``."""
         pairs = ', '.join(f'{k}={v!r}'[:80] for k, v in zip(self.policy.keys, self.values))

@@ -81,7 +81,8 @@ def test_mutex_shared_is_a_bool_and_refused_where_it_makes_no_sense(app):
                                       ({'mutex_contended': 'replace'}, "'replace'"),
                                       ({'mutex_contended': 'coalesce'}, "'coalesce'"))):
         t = app.task(shared=False, name=f't{n}', mutex_keys=('a',), mutex_shared=True, **opts)(fn)
-        with pytest.raises(MutexConfigError, match=f"task 't{n}': option mutex_shared=True.*{word}"):
+        message = f"task 't{n}': option mutex_shared=True.*{word}"
+        with pytest.raises(MutexConfigError, match=message):
             only(t).validate_all()
 
 
