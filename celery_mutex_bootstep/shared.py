@@ -44,7 +44,8 @@ Failure cases:
   arrival's one watch round trip.
 * A join whose reply is lost (``ConnectionLoss``) may have been applied: its
   child is named, so the orphan reaper (:mod:`.orphans`) deletes it on
-  reconnect; a parent it created is cleaned as above.
+  reconnect; a parent it created is cleaned as above. So is a marker whose
+  create's reply was lost.
 * A marker whose exclusive waiter left this worker another way (parked,
   revoked, timed out) stays until the key's watch fires here (its holders are
   done), the session reconnects (the gate then rechecks every marked key) or
@@ -270,6 +271,8 @@ class SharedLocks:
     def writer_waits(self, key: str) -> None:
         """An exclusive call of ``key`` waits here: new readers wait behind it."""
         session_id = self.leases._session_id
+        if not self.leases.connected:
+            return  # the gate re-watches (and so re-marks) once connected
         with self._lock:
             mine = self._markers.get(key, False)
             if mine is None or (mine and mine[1] == session_id) or session_id is None:
@@ -281,6 +284,9 @@ class SharedLocks:
             try:
                 result.get_nowait()
                 ours: Any = (path, session_id)
+            except ConnectionLoss:  # applied or not: reaped on reconnect if it is ours
+                self.leases.orphans.add([(path, session_id)])
+                ours = False
             except Exception:
                 ours = False  # another worker's exclusive call marks it: as good
             with self._lock:
