@@ -13,6 +13,14 @@ requeue under ``acks_late``, otherwise republished as a fresh copy), after a
 short pause so a misconfigured worker cannot spin on it. Calls outside a
 worker (``task()``, ``apply()``, eager mode) are not affected.
 
+The check is installed by ``install(app)`` and also, for an app that never
+calls it (the step missing altogether), when any worker starts in a process
+where this package is imported: ``celery`` itself imports it through its
+``celery.commands`` plugin entry point, so that is every worker run where the
+package is installed. It happens on ``worker_init``, in the main process,
+before the pool forks and before the consumer builds its task tracers (which
+capture ``task.run``).
+
 ``app.conf.mutex_require_lease = False`` opts out.
 """
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import time
 from typing import Any
 
+from celery import signals
 from celery.exceptions import Ignore, Reject
 
 from .options import MutexSettings, policy_for_task
@@ -47,6 +56,16 @@ def guard_tasks(app: Any) -> None:
             guarded = getattr(task, 'mutex', None) or getattr(task, 'mutex_keys', None) is not None
         if guarded:
             _guard(task)
+
+
+def _guard_at_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    app = getattr(sender, 'app', None)
+    if app is not None:
+        guard_tasks(app)
+
+
+signals.worker_init.connect(_guard_at_worker_init, weak=False,
+                            dispatch_uid='celery_mutex_bootstep.failclosed')
 
 
 def _guard(task: Any) -> None:

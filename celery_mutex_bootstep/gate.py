@@ -41,6 +41,7 @@ from .capacity import PoolPlaces
 from .deadlines import Deadlines
 from .endings import Endings
 from .gate_info import gate_info
+from .gate_lifecycle import GateLifecycle
 from .handoff import handed
 from .exceptions import MutexConfigError, MutexKeyError
 from .holders import Holders
@@ -66,7 +67,7 @@ logger = logging.getLogger(__name__)
 _ROOM_WAIT_MAX = 600.0
 
 
-class MutexGate:
+class MutexGate(GateLifecycle):
     """Holds guarded requests to their lease between the consumer and the pool."""
 
     def __init__(self, consumer: Any, leases: ZooKeeperLeases,
@@ -348,76 +349,6 @@ class MutexGate:
         req.send_event('mutex-parked', key=key.digest, mutex=key.describe())
         self.parked.park(req, key)
         self._watch(key)
-
-    # -- consumer and session lifecycle --------------------------------------
-
-    def on_lost(self, leases: list, wait_until: Optional[float]) -> None:
-        """The session's leases are gone (the deadline's or kazoo's thread):
-        kill their holders here and now, the bookkeeping follows on the
-        consumer thread whenever it runs."""
-        stopped = self.holders.stopper.stop(leases, wait_until=wait_until)
-        self._post(self.holders.session_lost, stopped)
-
-    def start(self) -> None:
-        """The consumer (re)started."""
-        self.inbox.attach()
-        self.holders.resume()
-        if self.parked is not None:
-            # Watches set before a broker reconnect call back into the old
-            # generation, which ignores them; the room's waiters, which would set
-            # new ones, may not come back (Redis: not before visibility_timeout).
-            # So every followed line gets a watch now: a free key refills at once.
-            for key in list(self.parked.flagged.values()):
-                self._watch(key)
-            self.parked.lot.start()
-
-    def on_session(self, state: str) -> None:
-        """The ZooKeeper session changed state (consumer thread)."""
-        if state != 'connected':
-            self._watching.clear()  # kazoo re-arms watches only within a session
-            return
-        # and the keys marked for exclusive waiters here, which may have left since
-        digests = {h.key.digest for h in self.room} | self.leases.shared.marked()
-        if self.parked is not None:
-            digests.update(self.parked.flagged)
-        for digest in sorted(digests):
-            self._wake(digest, self._generation)
-            key = self.parked.flagged.get(digest) if self.parked is not None else None
-            if key is not None:
-                self._watch(key)
-
-    def stop(self) -> None:
-        """The consumer stops: on shutdown hand waiting messages back now.
-
-        On a broker reconnect their channel is gone and the broker requeues
-        them itself; answers still on their way are ignored.
-        """
-        from celery.bootsteps import RUN
-        reconnect = self.c.blueprint.state == RUN
-        if self.parked is not None and not reconnect:
-            # Warm shutdown: parks already asked for finish, and their originals are
-            # acknowledged while the channel is open (else both would run).
-            self.parked.lot.wait_idle(3.0)
-            self.inbox.drain()
-        self._generation += 1
-        self._in_flight.clear()
-        if self.parked is not None:
-            self.parked.generation += 1
-        self.room.stop_polling()
-        self.holders.pause(reconnect=reconnect)
-        self._watching.clear()
-        in_line = self.places.reset()
-        for req in in_line:
-            worker_state.task_ready(req)
-        waiting = in_line + [held.req for held in self.room.clear(restore_qos=False)]
-        for req in waiting:
-            if reconnect and not handed(req.message):
-                continue  # their channel is gone: the broker requeues them
-            self.metrics.inc('requeued')
-            try:
-                self.endings.reject(req, requeue=True)
-            except Exception as exc:
-                logger.warning('mutex: could not hand back %s: %r', req.id, exc)
 
     def release_matching(self, **match: Any) -> list:
         return self.holders.release_matching(**match)

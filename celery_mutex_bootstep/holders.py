@@ -15,7 +15,7 @@ run:
 * the request runs across a broker reconnect: as usual, when it ends (Celery
   before 5.7 forgets running jobs then; the step gives them back to the pool).
 
-A holder that outlives its ``mutex_timeout`` is SIGKILLed by this worker and
+A holder that outlives its ``mutex_timeout`` is SIGKILLed by this worker (:mod:`.overruns`) and
 only then released. When the ZooKeeper session is lost, :mod:`.stopping`
 kills the holders first, on the thread that noticed; the bookkeeping here
 follows on the consumer thread: their messages are handed back, so the task
@@ -35,11 +35,11 @@ from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state
 
 from . import messages
-from .exceptions import MutexTimeout
 from .handoff import handed
 from .lease import Lease, ZooKeeperLeases
 from .metrics import MutexMetrics
 from .options import MutexPolicy, MutexSettings
+from .overruns import OverrunSweep
 from .processes import process_alive
 from .republisher import Republisher
 from .request_end import watch_request_end
@@ -50,7 +50,6 @@ __all__ = ('Holders',)
 logger = logging.getLogger('celery_mutex_bootstep.gate')
 
 _EXIT_POLL = 0.02
-_SWEEP_EVERY = 0.25
 
 
 def _keep_running_job(req: Any) -> None:
@@ -64,7 +63,7 @@ def _keep_running_job(req: Any) -> None:
         cache.setdefault(job._job, job)
 
 
-class Holders:
+class Holders(OverrunSweep):
     """The requests this worker runs under a lease (consumer thread, except
     ``release``, which the pool calls on its own threads)."""
 
@@ -106,7 +105,7 @@ class Holders:
         watch_request_end(
             req,
             ended=ended,
-            killed=lambda: (self.release_after_exit(req, lease), on_end()),
+            killed=lambda: (self._killed(req, lease), on_end()),
             started=lambda: self._started(req, lease),
             refused=lambda: self.post(self._refused_in_pool, req, lease),
             stopped=lambda: bool(req.__dict__.get('_mutex_killed')),
@@ -114,6 +113,20 @@ class Holders:
         self._check_before_pool(req, lease)
         if self._sweep_timer is None:
             self._sweep_overruns()
+
+    def _killed(self, req: Any, lease: Lease) -> None:
+        """The pool reports that the process running ``req`` was killed.
+
+        If the step killed it itself (``_mutex_killed``: session loss, overrun,
+        a request dropped by a broker reconnect), whoever killed it hands its
+        message back and releases the lease once the process exited. This
+        report must not release it first: for a lost session it usually comes
+        before the bookkeeping (the deadline thread posts that only once it saw
+        the process gone), which skips a released lease, and the message would
+        never go back (the task lost).
+        """
+        if not req.__dict__.get('_mutex_killed'):
+            self.release_after_exit(req, lease)
 
     def _check_before_pool(self, req: Any, lease: Lease) -> None:
         """Wrap the request's hand-over to the pool process (consumer thread).
@@ -188,57 +201,6 @@ class Holders:
         self.inbox.later(_EXIT_POLL, self._wait_exit, lease, pid, since)
 
     # -- stopping holders --------------------------------------------------
-
-    def _sweep_overruns(self) -> None:
-        """Every quarter second while leases are held: kill holders past their
-        ``mutex_timeout`` (one timer for all, not one per task)."""
-        self._sweep_timer = None
-        if not self._granted:
-            return
-        self._kill_overruns()
-        self._sweep_timer = self.inbox.later(_SWEEP_EVERY, self._sweep_overruns)
-
-    def _sweep_at_shutdown(self) -> None:
-        """Warm shutdown: the consumer's loop (and its timer) stopped while the
-        pool finishes its tasks, so a thread of its own keeps ``mutex_timeout``."""
-        def sweep() -> None:
-            while self._granted and self._thread is None:
-                try:
-                    self._kill_overruns()
-                except Exception:
-                    logger.exception('mutex: overrun sweep at shutdown failed')
-                time.sleep(_SWEEP_EVERY)
-        threading.Thread(target=sweep, name='mutex-overruns', daemon=True).start()
-
-    def _kill_overruns(self) -> None:
-        # Durations on the monotonic clock: an NTP step must not kill holders.
-        now = time.monotonic()
-        for lease, req in list(self._granted.items()):
-            policy = self._policy_of.get(lease)
-            started = req.__dict__.get('_mutex_started')
-            if (policy is not None and started and not lease.released
-                    and now - started > policy.timeout
-                    and not req.__dict__.get('_mutex_overran')):
-                req._mutex_overran = True
-                self._overran(req, lease, policy)
-
-    def _overran(self, req: Any, lease: Lease, policy: MutexPolicy) -> None:
-        pid = getattr(req, 'worker_pid', None)
-        what = f'{policy.name} lease {lease.key[:12]}'
-        if not pid or pid == os.getpid():
-            logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s; this '
-                           'pool cannot kill it, so its lease stays until it returns',
-                           req.name, req.id, policy.timeout, what)
-            return
-        self.metrics.inc('overran')
-        logger.warning('mutex: %s[%s] overran its mutex_timeout of %gs on %s: killing '
-                       'pool process %s (SIGKILL); the lease is released once it exited',
-                       req.name, req.id, policy.timeout, what, pid)
-        if req.acknowledged:  # the message is gone: say why in the result
-            messages.store_failure(req, MutexTimeout(req.name, policy.timeout))
-        else:  # acks_late: the message goes back to the broker
-            messages.reject(req, self.c.connection_errors, requeue=True)
-        self._kill(req, lease)
 
     def _kill(self, req: Any, lease: Lease) -> None:
         """SIGKILL the pool process running ``req`` (cannot be caught).

@@ -20,8 +20,9 @@ outbound buffer has no process yet: the pool processes refuse it when it
 starts, since the shared validity record (validity.py) was zeroed first.
 
 A request is marked (``_mutex_killed``) before its process is killed, so the
-pool's WorkerLostError for it neither acknowledges an ``acks_late`` message
-nor stores FAILURE: the message goes back and the task runs again.
+pool's WorkerLostError for it neither acknowledges an ``acks_late`` message,
+nor stores FAILURE, nor releases the lease before the bookkeeping handed the
+message back (holders.py): the message goes back and the task runs again.
 
 Failure cases: pools whose tasks run in the worker's own process (threads,
 solo) cannot be stopped this way; the step refuses them for guarded tasks

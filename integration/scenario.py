@@ -38,6 +38,7 @@ class Scenario:
         self.client = Celery('client', broker=broker, backend=BACKEND, set_as_current=False)
         self.client.conf.task_default_queue = self.queue
         self.workers: List[Any] = []
+        self.extra_queues: List[str] = []  # other queues a test used, deleted at close
         self._zk: Optional[KazooClient] = None
 
     def env(self, **extra: str) -> Dict[str, str]:
@@ -110,7 +111,7 @@ class Scenario:
                 # a broker that is gone (a test's private one) is not waited for
                 conn.ensure_connection(max_retries=1, timeout=5)
                 conn.default_channel.queue_delete(self.queue)
-                for name in parked:
+                for name in parked + self.extra_queues:
                     conn.default_channel.queue_delete(name)
         except Exception:
             pass

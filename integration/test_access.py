@@ -93,3 +93,30 @@ def test_a_guarded_task_without_its_lease_refuses_to_run(scenario, task):
     assert h.get(timeout=30) == 1, 'it went back to the broker and ran with a lease'
     runs = s.records.executions()
     assert len(runs) == 1 and runs[0].token is not None
+
+
+@pytest.mark.parametrize('task', ['work', 'work_late'])
+@pytest.mark.parametrize('app_module, env', [
+    ('integration.testapp', {'TEST_INSTALL': '0'}),  # imports the package, no install()
+    ('integration.uninstalledapp', {}),              # never imports it at all
+], ids=['install-never-called', 'package-never-imported'])
+def test_a_worker_without_the_step_at_all_runs_no_guarded_task(scenario, app_module, env,
+                                                               task):
+    s = scenario
+    bare = s.worker_factory(app_module, hostname=f'bare-{s.queue}@%h', concurrency=2,
+                            extra_args=[], env=s.env(**env))
+    h = s.send(task, 'fc', 0, 1)
+
+    def refusals():
+        return [x for x in bare.log_text().splitlines()
+                if 'reached the pool without its lease' in x and h.id in x]
+    # Refused twice: it went back to the broker and came back, and never ran.
+    wait_for(lambda: s.records.count('start') or len(refusals()) >= 2, timeout=30,
+             message='two refusals')
+    assert s.records.count('start') == 0, 'it ran without a lease'
+    assert all('ERROR' in x for x in refusals())
+    bare.stop()
+    on = s.worker('on', concurrency=2)
+    assert h.get(timeout=30) == 1, 'nothing lost: it ran with a lease once a step was there'
+    runs = s.records.executions()
+    assert len(runs) == 1 and runs[0].token is not None and runs[0].worker == s.nodename(on)

@@ -13,10 +13,11 @@ Asserted:
 * no two executions of one lock overlap, counting every execution interval (a killed
   one runs until its process was seen dead);
 * every task executed at least once, and completed, except an early-acked ``work``
-  task (a quarter of them; the rest are ``work_late``) that a worker had taken when it
-  was SIGKILLed: running there, or received there and possibly acked by a pool process
-  that died before the task recorded its start (Celery's at-most-once for
-  ``acks_late=False``);
+  task (a quarter of them; the rest are ``work_late``) that a pool process of a worker
+  had accepted when the worker was SIGKILLed: running there, or acked when accepted by
+  a process that died before the task recorded its start (Celery's at-most-once for
+  ``acks_late=False``; the worker logs each acceptance, TEST_LOG_ACCEPTED). One it had
+  only received was unacknowledged: it must come back;
 * exactly once where no fault touched the task: a task is touched when one of its
   execution intervals intersects the window of a fault that hit its worker, ZooKeeper
   or its broker connection.
@@ -37,10 +38,11 @@ import pytest
 
 from .scenario import wait_for
 from .test_faults import (  # noqa: F401  (fixtures)
-    SESSION_TIMEOUT, assert_no_overlap, close_broker_connections, describe, lease_report,
-    mutex_log, proxy_factory, session_args, span_end, watch_factory)
+    SESSION_TIMEOUT, assert_no_overlap, assert_no_overlap_until_stopped,
+    close_broker_connections, describe, lease_report, mutex_log, proxy_factory, session_args,
+    span_end, watch_factory)
 
-RECEIVED_WORK = re.compile(r'Task integration\.testapp\.work\[([0-9a-f-]+)\] received')
+ACCEPTED = re.compile(r'test: accepted ([0-9a-f-]+) pid')  # testapp's TEST_LOG_ACCEPTED
 KINDS = ('zk_restart', 'zk_down', 'worker_kill', 'broker_reset', 'proxy_stall')
 WORKERS = ('w1', 'w2', 'w3')
 SLACK = 0.5  # seconds before a fault's start that still count as touched
@@ -97,7 +99,8 @@ class Chaos:
     def _start(self, name):
         return self.s.worker(name, concurrency=self.concurrency,
                              hosts=self.proxies[name].hosts,
-                             extra_args=session_args(), wait=False)
+                             extra_args=session_args(), wait=False,
+                             env={'TEST_LOG_ACCEPTED': '1'})
 
     # -- work ----------------------------------------------------------------
     def wave(self, n=None, long=False):
@@ -187,8 +190,10 @@ class Chaos:
     # -- verdict -------------------------------------------------------------
     def lost_with_worker(self, runs, end_of):
         """Early-acked work tasks a SIGKILLed worker may have taken with it: running
-        there when it was killed, or received by it (acked when its pool process took
-        it, which may have been killed before the task wrote its start record)."""
+        there when it was killed, or accepted by one of its pool processes (acked then;
+        the process may have been killed before the task wrote its start record). A
+        task it had only received, not handed to a process, was unacknowledged and
+        must come back: it is not excused."""
         completed = {ex.id for ex in runs if ex.end is not None}
         out = set()
         for ex in runs:
@@ -197,7 +202,7 @@ class Chaos:
                     if f.kind == 'worker_kill' and f.touches(ex, end_of(ex)):
                         out.add(ex.id)
         for w in self.killed:
-            for task_id in RECEIVED_WORK.findall(w.log_text()):
+            for task_id in ACCEPTED.findall(w.log_text()):
                 if task_id not in completed and self.kind_of.get(task_id) == 'work':
                     out.add(task_id)
         return out
@@ -284,6 +289,7 @@ def run_chaos(s, zk_factory, proxy_factory, watch_factory, *, n_tasks, n_faults,
     assert set(by_kind) == set(KINDS), by_kind
     assert killed or reran, 'the faults hit no running task: the run proves little'
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, chaos.watch, t0=t0)
 
 
 def test_chaos_short(zk_factory, proxy_factory, watch_factory, scenario):

@@ -29,7 +29,10 @@ def test_freed_key_is_handed_over_without_waiting_for_the_delay(scenario):
     runs = sorted(s.records.executions(), key=lambda r: r.start)
     gaps = [b.start - a.end for a, b in zip(runs, runs[1:])]
     assert overlaps(runs) == []
-    assert max(gaps) < 1.0, gaps
+    # Far below the 30 s re-check: only the watch (or the park queue's hand-over)
+    # explains it; the exact latency is the machine's.
+    print('handover gaps (s):', ', '.join(f'{g:.3f}' for g in gaps))
+    assert max(gaps) < 15, gaps
     # waiters on one worker run in arrival order
     order = [r.extra['seq'] for r in runs]
     assert order == [0, 1, 2, 3, 4], '\n'.join(
@@ -97,7 +100,7 @@ def test_overrunning_task_is_killed_then_released(scenario):
     assert not s.zk.exists(path)
     assert not running(run.pid), 'released while the task could still run'
     assert released_at - run.start >= 1.5, 'not before its timeout'
-    assert released_at - run.start < 10
+    print(f'released {released_at - run.start:.2f}s after it started (mutex_timeout 1.5s)')
     assert 'overran its mutex_timeout' in w.log_text()
     with pytest.raises(Exception):
         h.get(timeout=20)
@@ -128,14 +131,20 @@ def test_revoking_a_waiting_message_drops_it_at_once(scenario):
     s.client.control.revoke(waiter.id)
     # (Celery 5.7's revoke command itself stores REVOKED: wait for the worker.)
     wait_for(lambda: mutex_info(s, w)['waiting'] == [], timeout=5, message='dropped')
-    assert time.monotonic() - t0 < 2.0
+    # At once: while the key is still held (not when it is freed, nor after the 30 s
+    # re-check of patient's waiters).
+    assert s.records.count('end') == 0, 'dropped only once the holder ended'
+    print(f'dropped {time.monotonic() - t0:.2f}s after the revoke')
     assert 'Discarding revoked task' in w.log_text()
     holder.get(timeout=20)
     assert waiter.state == 'REVOKED'
+    # Stopped, the worker hands back whatever it still holds unacknowledged (a message
+    # looping between it and the broker is unacked, not ready): the queue is then
+    # empty only if the revoked message was acked.
+    w.stop()
     with s.client.connection_for_write() as conn:
         _, count, _ = conn.default_channel.queue_declare(s.queue, passive=True)
     assert count == 0, 'the revoked message was acked, not requeued'
-    time.sleep(0.5)
     assert s.records.count('start') == 1
 
 
@@ -165,7 +174,7 @@ def test_hot_key_never_holds_more_than_the_bound(scenario):
 def test_slow_zookeeper_does_not_stop_plain_tasks(scenario, zk_factory):
     s = scenario
     node = zk_factory()
-    s.worker('w1', concurrency=2, hosts=node.hosts)
+    w = s.worker('w1', concurrency=2, hosts=node.hosts)
     s.send('work', 'slow', 0, 0).get(timeout=20)
     node.pause()
     try:
@@ -173,8 +182,9 @@ def test_slow_zookeeper_does_not_stop_plain_tasks(scenario, zk_factory):
         t0 = time.monotonic()
         plain = [s.send('plain', i) for i in range(5)]
         assert results(plain, timeout=20) == list(range(5))
-        assert time.monotonic() - t0 < 10
-        time.sleep(0.5)
+        print(f'plain tasks done {time.monotonic() - t0:.2f}s into the freeze')
+        wait_for(lambda: all(f'[{h.id}] received' in w.log_text() for h in guarded),
+                 message='the guarded messages received')
         assert s.records.count('start') == 1 + 5, 'no guarded task ran while ZooKeeper was frozen'
     finally:
         node.resume()

@@ -14,8 +14,8 @@ import pytest
 
 from .scenario import wait_for
 from .tcpproxy import TcpProxy
-from .test_faults import (SESSION_GIVEN_UP, _started, assert_no_overlap, describe,  # noqa: F401
-                          watch_factory,
+from .test_faults import (SESSION_GIVEN_UP, _started, assert_no_overlap,  # noqa: F401
+                          assert_no_overlap_until_stopped, describe, watch_factory,
                           log_lines, mutex_log, session_args, wait_completed)
 
 BROKER = ('127.0.0.1', 5672)
@@ -50,7 +50,7 @@ def _takeover(s, runs, watch, holder, key, t0):
     """The cut-off holder's death and the other worker's first start on its key."""
     first = sorted((r for r in runs if r.id == holder.id), key=lambda r: r.start)[0]
     assert first.end is None, f'the cut-off holder ran to its end: {describe(first, watch, t0)}'
-    died = watch.died_at(first.pid)
+    died = watch.died_at(first.pid, first.start)
     assert died is not None, f'the cut-off holder never died: {describe(first, watch, t0)}'
     others = [r for r in runs if r.key == key and r.worker != first.worker
               and r.start > first.start]
@@ -90,6 +90,7 @@ def test_worker_losing_broker_and_zookeeper_at_once_stops_its_holder_in_time(
     assert taken >= died
     print(f'{task}: cut at 0; a\'s holder died {died - t_cut:.3f}s, b first started p '
           f'{taken - t_cut:.3f}s; network back {t_back - t_cut:.3f}s')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 def test_holders_die_in_time_while_the_consumer_thread_is_blocked(
@@ -127,6 +128,7 @@ def test_holders_die_in_time_while_the_consumer_thread_is_blocked(
     assert blocked, 'the consumer thread was not blocked: ' + mutex_log([a])
     print(f'consumer blocked; a\'s holder died {died - t_cut:.3f}s after the cut, '
           f'b first started q {taken - t_cut:.3f}s')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 def test_republish_that_fails_while_the_broker_is_away_is_kept_and_retried(
@@ -153,6 +155,7 @@ def test_republish_that_fails_while_the_broker_is_away_is_kept_and_retried(
     assert_no_overlap(runs, watch, time.time(), t0=t_cut)
     assert len([r for r in runs if r.id == holder.id]) == 2, 'killed once, ran again once'
     assert log_lines(a, 'after the broker came back', level='INFO'), mutex_log([a])
+    assert_no_overlap_until_stopped(s, watch)
 
 
 @pytest.mark.parametrize('pool', ['prefork', 'threads'])
@@ -197,6 +200,7 @@ def test_operator_release_of_a_holder_not_started_yet_waits_until_it_is_dead(
     assert_no_overlap(runs, watch, time.time())
     parked_runs = [r for r in runs if r.id == parked.id]
     assert all(r.end is None for r in parked_runs), 'the released holder was stopped'
+    assert_no_overlap_until_stopped(s, watch)
 
 
 def test_quorum_delivery_count_rule_applies_when_a_lost_holder_is_handed_back(
@@ -224,10 +228,12 @@ def test_quorum_delivery_count_rule_applies_when_a_lost_holder_is_handed_back(
     seen = s.records.executions()[0]
     t_cut = time.time()
     zk_proxy.stall()
-    wait_for(lambda: watch.died_at(seen.pid), timeout=30, message='the holder was killed')
+    wait_for(lambda: watch.died_at(seen.pid, seen.start), timeout=30,
+             message='the holder was killed')
     zk_proxy.resume()
     runs = wait_completed(s, [holder], timeout=60, workers=[a])
     assert_no_overlap(runs, watch, time.time(), t0=t_cut)
     from .test_contention import mutex_info
     counters = mutex_info(s, a)['counters']
     assert counters['republished'] >= 1, counters
+    assert_no_overlap_until_stopped(s, watch)

@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from typing import Dict, Iterable, List, Optional
 
@@ -20,6 +19,7 @@ import psutil
 import pytest
 from kazoo.client import KazooClient
 
+from .processwatch import ProcessWatch
 from .records import Execution, by_key
 from .scenario import wait_for
 from .tcpproxy import TcpProxy
@@ -39,68 +39,7 @@ def session_args(timeout=SESSION_TIMEOUT):
 
 # --------------------------------------------------------------------------- processes
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _children(pid: int) -> List[int]:
-    try:
-        return [c.pid for c in psutil.Process(pid).children()]
-    except psutil.NoSuchProcess:
-        return []
-
-
-class ProcessWatch:
-    """Watches the processes of a scenario's workers (main and pool children) and
-    notes when each was first seen dead (``time.time()``, an upper bound of its death).
-
-    ``died_at(pid)`` is None while the process lives or if it was never seen.
-    """
-
-    def __init__(self, workers, interval: float = 0.01) -> None:
-        self._workers = workers  # callable -> iterable of WorkerProcess
-        self.interval = interval
-        self.owner: Dict[int, str] = {}
-        self.first_seen: Dict[int, float] = {}
-        self.died: Dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name='process-watch', daemon=True)
-
-    def start(self) -> 'ProcessWatch':
-        self._scan()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._scan()
-
-    def died_at(self, pid: int) -> Optional[float]:
-        return self.died.get(pid)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._scan()
-            except Exception:  # a worker list changing under us: next round
-                pass
-
-    def _scan(self) -> None:
-        for w in list(self._workers()):
-            main = w.pid
-            if main is None:
-                continue
-            for pid in [main] + _children(main):
-                if pid not in self.owner and pid not in self.died and _alive(pid):
-                    self.owner[pid] = w.hostname
-                    self.first_seen[pid] = time.time()
-        for pid in list(self.owner):
-            if pid not in self.died and not _alive(pid):
-                self.died[pid] = time.time()
+# ProcessWatch: integration/processwatch.py (pid + start time, so pid reuse is seen).
 
 
 # --------------------------------------------------------------------------- executions
@@ -109,7 +48,7 @@ def span_end(ex: Execution, watch: Optional[ProcessWatch], test_end: float) -> f
     """When an execution stopped running, as far as anyone can tell."""
     if ex.end is not None:
         return ex.end
-    died = watch.died_at(ex.pid) if watch is not None else None
+    died = watch.died_at(ex.pid, ex.start) if watch is not None else None
     return died if died is not None else test_end
 
 
@@ -143,7 +82,7 @@ def describe(ex: Execution, watch: Optional[ProcessWatch] = None, t0: float = 0.
     if ex.end is not None:
         end = f'{ex.end - t0:.3f}'
     else:
-        died = watch.died_at(ex.pid) if watch is not None else None
+        died = watch.died_at(ex.pid, ex.start) if watch is not None else None
         end = f'(no end; pid died {died - t0:.3f})' if died is not None else '(no end; pid alive)'
     return (f'{ex.task.rsplit(".", 1)[-1]}[{ex.id[:8]}] key={ex.key} on {ex.worker} '
             f'pid {ex.pid} token {ex.token} {ex.start - t0:.3f}..{end}')
@@ -153,6 +92,20 @@ def assert_no_overlap(runs, watch, test_end, t0=0.0):
     found = overlapping(runs, watch, test_end)
     assert found == [], 'executions of one key overlapped:\n' + '\n'.join(
         f'  {describe(a, watch, t0)}\n  {describe(b, watch, t0)}\n' for _, a, b in found[:10])
+
+
+def assert_no_overlap_until_stopped(s, watch, t0=0.0):
+    """Stop every worker of the scenario, then check every execution recorded: a
+    duplicate that started after ``wait_completed`` returned (which it does the moment
+    every task has an end record) is counted too."""
+    for w in s.workers:
+        w.terminate()
+    for w in s.workers:
+        w.stop(timeout=30)
+    watch.stop()  # a last look: every process of theirs is gone now
+    runs = s.records.executions()
+    assert_no_overlap(runs, watch, time.time(), t0)
+    return runs
 
 
 def wait_completed(s, handles, timeout=60.0, workers=()):
@@ -368,6 +321,7 @@ def test_zookeeper_restarted_within_the_session_timeout_keeps_the_session(
     assert all(r.start < t0 and r.end > t0 + outage for r in held), 'holders ran through it'
     assert_no_overlap(runs, watch, test_end)
     wait_for(lambda: s.lease_nodes() == [], timeout=10, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 2
@@ -416,7 +370,7 @@ def test_zookeeper_down_longer_than_the_session_timeout(zk_factory, watch_factor
         mine = sorted((r for r in runs if r.id == h.id), key=lambda r: r.start)
         killed = mine[0]
         assert killed.end is None, f'{describe(killed)} was not killed'
-        died = watch.died_at(killed.pid)
+        died = watch.died_at(killed.pid, killed.start)
         assert died is not None and t_stop < died < t_back, (
             f'{describe(killed, watch, t_stop)}: its process should have died during '
             f'the outage (0..{t_back - t_stop:.1f})')
@@ -428,6 +382,7 @@ def test_zookeeper_down_longer_than_the_session_timeout(zk_factory, watch_factor
         mine = [r for r in runs if r.id == h.id]
         assert len(mine) == 1 and mine[0].start > t_back, [describe(r) for r in mine]
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 3
@@ -503,6 +458,7 @@ def test_ensemble_leader_killed_then_quorum_lost_and_regained(zk_ensemble, watch
         assert mine[0].end is None, f'{describe(mine[0], watch, t_loss)} was not stopped'
         assert any(r.end is not None and r.start > t_back for r in mine[1:])
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 4
@@ -553,7 +509,7 @@ def test_killed_worker_leases_vanish_with_its_session_and_its_tasks_run_elsewher
     for h, p in zip(longs, paths):
         mine = sorted((r for r in runs if r.id == h.id), key=lambda r: r.start)
         assert mine[0].worker == a_name and mine[0].end is None
-        died = watch.died_at(mine[0].pid)
+        died = watch.died_at(mine[0].pid, mine[0].start)
         assert died is not None and died >= t_kill, describe(mine[0], watch, t_kill)
         again = [r for r in mine[1:] if r.end is not None]
         assert again and again[0].worker == b_name, [describe(r, watch, t_kill) for r in mine]
@@ -564,6 +520,7 @@ def test_killed_worker_leases_vanish_with_its_session_and_its_tasks_run_elsewher
         assert again[0].start >= died, 'ran again only once the old holder was dead'
     assert not [r for r in runs if r.worker == a_name and r.start > t_kill]
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 5
@@ -605,6 +562,7 @@ def test_broker_connection_reset_releases_the_leases_of_dropped_requests(
         assert len([r for r in runs if r.id == h.id]) == 1, 'ran once, after the reset'
     wait_for(lambda: s.lease_nodes() == [], timeout=10,
              message='no lease left once every task completed')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 6
@@ -641,7 +599,7 @@ def test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire(
     for h, k in zip(longs, keys):
         held = sorted((r for r in runs if r.id == h.id), key=lambda r: r.start)[0]
         assert held.worker == a_name and held.end is None, describe(held, watch, t_stall)
-        died = watch.died_at(held.pid)
+        died = watch.died_at(held.pid, held.start)
         assert died is not None and t_stall < died < t_resume, describe(held, watch, t_stall)
         later_b = [r for r in runs if r.key == k and r.worker == b_name and r.start > held.start]
         assert later_b, f'b never acquired {k} while a was cut off'
@@ -654,37 +612,55 @@ def test_worker_cut_off_from_zookeeper_stops_its_holders_before_others_acquire(
               f'{died - t_stall:+.3f}s; b acquired {first_b - t_stall:+.3f}s '
               f'(stall 0..{t_resume - t_stall:.3f}s)')
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 # =========================================================================== 7
 
 def test_frozen_worker_grants_nothing_under_its_dead_session(watch_factory, scenario):
     """SIGSTOP past the session timeout. Overlap is not asserted (the documented limit:
-    a frozen holder runs on for a moment when it wakes up); the fencing token is."""
+    a frozen holder runs on for a moment when it wakes up); the fencing token is.
+
+    Every pool process of p is busy with a long holder, so the grants p makes ahead
+    (one per process) wait, granted under the session about to die and not started,
+    when p freezes: on waking, none of them may start under it."""
     s = scenario
     p = s.worker('p', concurrency=3, extra_args=session_args())
     watch = watch_factory(s)
-    keys = ['f0', 'f1']
+    keys = ['f0', 'f1', 'f2']
     longs = [s.send('fenced_patient', k, 10.0, i) for i, k in enumerate(keys)]
-    wait_for(lambda: len(_started(s, {h.id for h in longs})) == 2, message='holders on p')
+    wait_for(lambda: len(_started(s, {h.id for h in longs})) == 3, message='holders on p')
     q = s.worker('q', concurrency=3, extra_args=session_args())
-    time.sleep(0.5)
     p_name, q_name = s.nodename(p), s.nodename(q)
     held = {r.key: r for r in _started(s, {h.id for h in longs}).values()}
     assert all(r.worker == p_name for r in held.values())
     old_sessions = {r.extra['session'] for r in held.values()}
     assert len(old_sessions) == 1 and None not in old_sessions
+    old_session = next(iter(old_sessions))
 
-    # a stream of short tasks on free keys right at the pause: when p freezes, some are
-    # granted and wait for its one free pool process, some answers are in flight
+    # Short tasks on free keys: p grants some ahead, which wait for a process.
     others = [s.send('fenced_patient', f'g{i}', 0.0, 100 + i) for i in range(30)]
-    time.sleep(0.05)
+    other_paths = {s.lease_path('fenced_patient', f'g{i}'): h for i, h in enumerate(others)}
+
+    def pending_grants():
+        """Others whose lease node p's current session holds, not started yet."""
+        started = {r.id for r in s.records.executions()}
+        out = []
+        for path, h in other_paths.items():
+            stat = s.zk.exists(path)
+            if stat is not None and stat.ephemeralOwner == old_session and h.id not in started:
+                out.append(h)
+        return out
+    pending = wait_for(pending_grants, message='grants ahead under the old session')
     t_pause = time.time()
     p.pause()
-    # work for the held keys while p is frozen: q gets part of it (and holds the keys
-    # once p's session expired, until after p woke), p the rest, which it sees on waking
-    during = [s.send('fenced_patient', k, 3.0, 30 + i) for i, k in enumerate(keys * 3)]
-    time.sleep(1.5 * SESSION_TIMEOUT)
+    pending = [h for h in pending if h.id not in {r.id for r in s.records.executions()}]
+    assert pending, 'precondition: a grant of the old session waits for a process'
+    # work for the held keys while p is frozen: q takes it once p's session expired
+    during = [s.send('fenced_patient', k, 3.0, 30 + i) for i, k in enumerate(keys * 2)]
+    taken = wait_for(lambda: [r for r in s.records.executions() if r.worker == q_name
+                              and r.key in keys and r.start > t_pause],
+                     timeout=6 * SESSION_TIMEOUT, message='q taking a held key over')
     t_resume = time.time()
     p.resume()
 
@@ -693,10 +669,17 @@ def test_frozen_worker_grants_nothing_under_its_dead_session(watch_factory, scen
     test_end = time.time()
     assert_results_succeeded(handles)
     assert log_lines(p, SESSION_GIVEN_UP) or log_lines(p, HOLDER_KILLED), mutex_log([p])
+    for k, paused in held.items():  # the frozen holders were killed when p woke
+        died = watch.died_at(paused.pid, paused.start)
+        assert paused.end is None and died is not None and died >= t_resume, (
+            describe(paused, watch, t_pause))
     after = [r for r in runs if r.worker == p_name and r.start > t_resume]
-    stale = [r for r in after if r.extra.get('session') in old_sessions]
-    assert stale == [], 'granted under the dead session:\n' + '\n'.join(
+    stale = [r for r in runs if r.extra.get('session') == old_session and r.start > t_pause]
+    assert stale == [], 'started under the dead session:\n' + '\n'.join(
         describe(r, watch, t_pause) for r in stale)
+    for h in pending:  # ran, later, under a session of its own
+        mine = [r for r in runs if r.id == h.id]
+        assert mine and all(r.extra.get('session') != old_session for r in mine), mine
     for r in after:  # nothing p started after waking overlaps another holder of the key
         clash = [(a, b) for _, a, b in overlapping(runs, watch, test_end) if r in (a, b)]
         assert clash == [], '\n'.join(
@@ -709,12 +692,9 @@ def test_frozen_worker_grants_nothing_under_its_dead_session(watch_factory, scen
         print(f'{k}: paused holder {describe(paused, watch, t_pause)}\n'
               f'    next holder {describe(nxt, watch, t_pause)} (resumed at '
               f'{t_resume - t_pause:.3f})')
-    print(f'{len(after)} executions started on p after it woke, none under the old session')
-    # Whether q took a key over while p was frozen depends on timing (the server
-    # expires p's session 4 s into a 6 s pause); the assertions above hold either way.
-    taken = [r for r in runs if r.worker == q_name and r.key in keys
-             and t_pause < r.start < t_resume]
-    print(f'q took over {len(taken)} held key(s) while p was frozen')
+    print(f'{len(pending)} grant(s) of the old session pending at the pause; q took over '
+          f'{len({r.key for r in taken})} held key(s) while p was frozen; {len(after)} '
+          'executions started on p after it woke, none under the old session')
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
 
 
@@ -737,10 +717,16 @@ def test_reconnect_answered_late_does_not_outlive_the_server_session(
     keys = ['h0', 'h1']
     longs = [s.send('fenced_patient', k, 8.0, i) for i, k in enumerate(keys)]
     wait_for(lambda: len(_started(s, {h.id for h in longs})) == 2, message='holders on a')
-    b = s.worker('b', concurrency=3, hosts=node.hosts, extra_args=session_args())
-    # fenced_patient waits in the worker with a watch: b takes a key the moment it is free
-    queued = [s.send('fenced_patient', k, 0.3, 10 + i) for i, k in enumerate(keys * 2)]
-    time.sleep(1.0)
+    # b consumes a queue of its own, so the keys' next tasks wait at b (not in a's
+    # consumer) with a watch (fenced_patient): b takes a key the moment it is free
+    b_queue = s.queue + '-b'
+    s.extra_queues.append(b_queue)
+    b = s.worker('b', concurrency=3, hosts=node.hosts, extra_args=session_args(),
+                 env={'TEST_QUEUE': b_queue})
+    queued = [s.client.send_task(f'{s.app_module}.fenced_patient', args=(k, 0.3, 10 + i),
+                                 queue=b_queue) for i, k in enumerate(keys * 2)]
+    wait_for(lambda: all(f'[{h.id}] received' in b.log_text() for h in queued),
+             message='the next tasks waiting at b')
     a_name, b_name = s.nodename(a), s.nodename(b)
 
     proxy.stall('down')
@@ -751,19 +737,28 @@ def test_reconnect_answered_late_does_not_outlive_the_server_session(
     proxy.resume('down')       # and the answer arrives
     t_answer = time.time()
     time.sleep(2 * SESSION_TIMEOUT)
+    t_heal = time.time()
     proxy.resume()
 
     runs = wait_completed(s, longs + queued, timeout=60, workers=[a, b])
     test_end = time.time()
     assert_results_succeeded(longs + queued)
+    taken_over = {}
     for k in keys:
         held = min((r for r in runs if r.key == k), key=lambda r: r.start)
         later_b = [r for r in runs if r.key == k and r.worker == b_name and r.start > held.start]
-        died = watch.died_at(held.pid)
+        died = watch.died_at(held.pid, held.start)
         print(f'{k}: a\'s holder started {held.start - t_cut:+.3f}s, died '
               f'{"?" if died is None else f"{died - t_cut:+.3f}s"}; b started '
               f'{min(r.start for r in later_b) - t_cut:+.3f}s '
               f'(answer released {t_answer - t_cut:.3f}s)' if later_b else f'{k}: b never ran')
+        assert held.worker == a_name and held.end is None, describe(held, watch, t_cut)
+        assert died is not None, f'a\'s holder never died: {describe(held, watch, t_cut)}'
+        # The server expired a's session during the cut: b takes the key over then,
+        # not only once the network healed, and only after a's holder was dead.
+        first_b = min((r.start for r in later_b), default=None)
+        taken_over[k] = first_b is not None and died <= first_b < t_heal
+    assert all(taken_over.values()), f'b did not take over during the cut: {taken_over}'
     try:
         assert_no_overlap(runs, watch, test_end, t0=t_cut)
     except AssertionError as exc:
@@ -774,6 +769,7 @@ def test_reconnect_answered_late_does_not_outlive_the_server_session(
             '--- zookeeper:\n' + '\n'.join(expiry) + '\n' + mutex_log([a])) from None
     assert log_lines(a, HOLDER_KILLED), mutex_log([a])
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 
@@ -821,6 +817,7 @@ def test_broker_reset_while_a_pool_process_has_the_request_but_not_yet_started_i
     print(f'SIGCONT at {t_cont - t_reset:.3f}s')
     assert_no_overlap(runs, watch, test_end, t0=t_reset)
     wait_for(lambda: s.lease_nodes() == [], timeout=15, message='every lease released')
+    assert_no_overlap_until_stopped(s, watch)
 
 
 def test_on_session_loss_continue_lets_the_holder_finish(zk_factory, proxy_factory, scenario):

@@ -6,7 +6,6 @@ assertions are about what ran: no overlap per key, no contended run, no loss.
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -50,7 +49,9 @@ def test_contended_messages_never_enter_the_pool(scenario):
     waiting = [s.send('work', 'hot', 0.1, i) for i in range(1, 6)]
     other = s.send('work', 'cold', 0.0, 99)
     assert other.get(timeout=20) == 99, 'other keys flow while one is held'
-    time.sleep(1.0)
+    # The worker has every waiting message (none can be on its way to the pool).
+    wait_for(lambda: all(f'[{h.id}] received' in w.log_text() for h in waiting),
+             message='the waiting messages received')
     active = s.client.control.inspect([s.nodename(w)], timeout=3).active() or {}
     names = [t['name'] for ts in active.values() for t in ts]
     assert names.count('integration.testapp.work') == 1, names
@@ -178,10 +179,12 @@ def test_zookeeper_down_at_start(scenario, zk_factory):
     guarded = [s.send('work', f'z{i % 2}', 0.05, i) for i in range(6)]
     plain = [s.send('plain', i) for i in range(3)]
     assert results(plain, timeout=20) == [0, 1, 2], 'plain tasks run without ZooKeeper'
-    time.sleep(2)
-    assert s.records.count('start') == 3, 'no guarded task ran without ZooKeeper'
+    # Every guarded message reached the worker, and it has said why they wait.
+    wait_for(lambda: all(f'[{h.id}] received' in w.log_text() for h in guarded),
+             message='the guarded messages received')
     wait_for(lambda: 'ZooKeeper' in w.log_text() and 'not reachable' in w.log_text(),
              message='a WARNING about ZooKeeper')
+    assert s.records.count('start') == 3, 'no guarded task ran without ZooKeeper'
     assert 'WARNING' in [line for line in w.log_text().splitlines() if 'not reachable' in line][0]
     node.start()
     node.wait_ready()
@@ -260,10 +263,14 @@ def test_a_non_json_key_value_in_a_real_message_fails_once_and_is_not_requeued(s
     w = s.worker('w1', concurrency=2, env={'TEST_ACCEPT': 'json,pickle',
                                                  'C_FORCE_ROOT': '1'})  # CI runs as root
     bad = s.send('work', {1, 2}, 0, 0, serializer='pickle')
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as failed:
         bad.get(timeout=20)
     assert bad.state == 'FAILURE'
-    assert f'[{bad.id}] refused' in w.log_text()
+    # A clear error naming the task and the parameter, in the log and in the result.
+    name = f"task '{s.app_module}.work'"
+    line = [x for x in w.log_text().splitlines() if f'[{bad.id}] refused' in x]
+    assert line and 'ERROR' in line[0] and name in line[0] and "parameter 'key'" in line[0], line
+    assert name in str(failed.value) and 'JSON' in str(failed.value), failed.value
     assert s.send('work', 'ok', 0, 1).get(timeout=20) == 1, 'the worker survives'
     w.stop()
     assert len([x for x in w.log_text().splitlines()

@@ -243,3 +243,38 @@ def test_ensemble_survives_repeated_leader_kills(zk_ensemble):
     finally:
         client.stop()
         client.close()
+
+
+def test_process_watch_sees_a_real_death_and_a_reused_pid(monkeypatch):
+    from types import SimpleNamespace
+
+    from integration import processwatch
+    child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        watch = processwatch.ProcessWatch(lambda: [SimpleNamespace(pid=child.pid,
+                                                                   hostname='w')])
+        watch._scan()
+        assert watch.died_at(child.pid) is None
+        t_kill = time.time()
+        child.kill()
+        child.wait()
+        watch._scan()
+        assert watch.died_at(child.pid) >= t_kill
+    finally:
+        child.kill()
+    # A pid that now belongs to a later process: the first one died, the new one is
+    # watched in its own right (and an execution started after its birth finds it).
+    real = processwatch.started
+    me = os.getpid()
+    watch = processwatch.ProcessWatch(lambda: [SimpleNamespace(pid=me, hostname='w')])
+    watch._scan()
+    first = watch.incarnations(me)
+    reborn = time.time()  # a start time of now: another incarnation of this pid
+    monkeypatch.setattr(processwatch, 'started', lambda pid: (
+        reborn if pid == me else real(pid)))
+    watch.born[first[0]] -= 10  # the first was born long before the second
+    t_reuse = time.time()
+    watch._scan()
+    assert watch.died_at(me, at=t_reuse - 5) >= t_reuse, 'the first incarnation died'
+    assert len(watch.incarnations(me)) == 2
+    assert watch.died_at(me, at=time.time() + 10) is None, 'the second one lives'

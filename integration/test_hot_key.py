@@ -87,8 +87,9 @@ def test_waiting_messages_are_delivered_about_once(scenario_for, broker):
     runs = [r for r in s.records.executions() if r.key == 'held']
     assert len(runs) == 101 and overlaps(runs) == []
     after = received(w, [h.id for h in waiting])
-    # after the hold: one more delivery each, when its turn came (unparked)
-    assert max(after.values()) <= 3, after
+    # after the hold: one more delivery each, when its turn came (handed over from
+    # the park queue): twice in all, the README's bound, whatever the wait
+    assert max(after.values()) <= 2, sorted(after.values())[-5:]
     print(f'{broker}: deliveries during the hold {sum(during.values())} for 100 waiting, '
           f'{sum(after.values())} in all; overtakes {overtakes(runs)}')
 

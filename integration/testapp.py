@@ -5,6 +5,7 @@ pid, worker, key, fencing token), so a test can check overlaps and counts
 from what actually ran. Configured by environment variables, so one module
 serves every test (each with its own queue, namespace and record list).
 """
+import logging
 import os
 import time
 
@@ -34,6 +35,20 @@ if os.environ.get('TEST_QUEUE_TYPE') == 'quorum':
         'x-delivery-limit': int(os.environ.get('TEST_DELIVERY_LIMIT', '3'))})]
 if os.environ.get('TEST_INSTALL', '1') == '1':
     install(app)
+if os.environ.get('TEST_LOG_ACCEPTED') == '1':
+    # An independent record of which tasks a pool process took: logged in the worker's
+    # main process before Celery acknowledges an early-acked message (on_accepted),
+    # so a test that SIGKILLs the worker knows which such tasks it may have taken along.
+    from celery.worker.request import Request
+
+    _on_accepted = Request.on_accepted
+
+    def _log_accepted(self, pid, time_accepted):
+        logging.getLogger('integration.testapp').warning('test: accepted %s pid %s',
+                                                         self.id, pid)
+        return _on_accepted(self, pid, time_accepted)
+
+    Request.on_accepted = _log_accepted
 
 
 @control_command(args=[('seconds', float)], signature='<seconds>')
@@ -60,6 +75,17 @@ def work(self, key, duration=0.0, seq=None, until=None):
         time.sleep(duration)
     record(self, 'end', key, seq=seq)
     return seq
+
+
+@app.task(bind=True, mutex_keys=('key',))
+def heavy(self, key, duration=0.0, seq=None, megabytes=0):
+    """work, in a pool process slow to die: a SIGKILL first frees ``megabytes`` of
+    touched memory (a holder with a big heap), which takes the kernel a while."""
+    ballast = b'x' * (int(megabytes) << 20)
+    record(self, 'start', key, seq=seq)
+    time.sleep(duration)
+    record(self, 'end', key, seq=seq)
+    return seq if ballast is not None else None
 
 
 @app.task(bind=True, mutex_keys=('key',), acks_late=True)
