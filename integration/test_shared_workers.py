@@ -77,7 +77,7 @@ def test_readers_killed_with_the_session_run_again_and_never_beside_the_writer(
     node = zk_factory()
     s.zk_hosts = node.hosts
     s.worker('a', concurrency=3, hosts=node.hosts, extra_args=session_args())
-    readers = [s.send('read_book', 5, 3.0, i) for i in range(2)]
+    readers = [s.send('read_book', 5, 8.0, i) for i in range(2)]  # outlive the session
     wait_for(lambda: s.records.count('start') == 2, message='both readers run')
     writer = s.send('write_book', 5, 0.3, 10)   # waits for them in the consumer
     time.sleep(0.3)
