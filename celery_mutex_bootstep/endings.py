@@ -50,6 +50,20 @@ class Endings:
     def reject(self, req: Any, requeue: bool) -> None:
         messages.reject(req, self.c.connection_errors, requeue=requeue)
 
+    def waits(self, req: Any, key: Any, contended: bool,
+              exc: Optional[BaseException]) -> None:
+        """A request starts waiting (contended, or ZooKeeper away): counted,
+        announced, logged."""
+        worker_state.task_ready(req)
+        if contended:
+            self.metrics.inc('contended')
+            req.send_event('mutex-contended', key=key.digest, mutex=key.describe())
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
+        else:
+            self.metrics.inc('unavailable')
+            self.log_unavailable(req, exc)
+
     def log_unavailable(self, req: Any, exc: Optional[BaseException]) -> None:
         """A WARNING at most every 10 s while ZooKeeper is away."""
         now = time.monotonic()

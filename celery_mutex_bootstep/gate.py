@@ -144,7 +144,7 @@ class MutexGate(GateLifecycle):
             return self._wait(req, key, LeaseOutcome.UNAVAILABLE, seq=seq)
         if key.policy.contended in ('requeue', 'coalesce', 'replace') and (
                 self.room.has_waiters(key.digest)
-                or self._in_flight[key.digest] >= key.policy.limit
+                or key.asking_ahead(self._in_flight) >= key.policy.limit
                 or (self.parked is not None and self.parked.queue_behind(req, key))):
             # Queue behind the key's waiters (here, asking, and parked): arrival
             # order, whatever order ZooKeeper's answers come back in.
@@ -185,11 +185,11 @@ class MutexGate(GateLifecycle):
         if held is not None:
             held.trying = True
         else:
-            self._in_flight[key.digest] += 1
+            self._in_flight.update(key.in_flight)
         self.places.trying(req)
         data = lease_data(req, key, hostname=self.hostname,
                           store_values=self.settings.store_values)
-        self.leases.acquire(key.slots, data, answered, owner=req.id)
+        self.leases.acquire(key.slots, data, answered, owner=req.id, shared=key.policy.shared)
 
     def _answered(self, req: Any, key: MutexKey, held: Optional[Held], generation: int,
                   outcome: str, lease: Optional[Lease], exc: Optional[BaseException],
@@ -199,9 +199,10 @@ class MutexGate(GateLifecycle):
             if held is not None:
                 held.trying = False
             elif generation == self._generation:
-                self._in_flight[key.digest] -= 1
-                if self._in_flight[key.digest] <= 0:
-                    del self._in_flight[key.digest]
+                self._in_flight.subtract(key.in_flight)
+                for name in key.in_flight:
+                    if self._in_flight[name] <= 0:
+                        del self._in_flight[name]
             if lease is not None and outcome != LeaseOutcome.ACQUIRED:
                 self.leases.release(lease)  # won under a session given up since
                 lease = None
@@ -216,8 +217,8 @@ class MutexGate(GateLifecycle):
                     self.room.leave(held)
                     worker_state.task_reserved(req)
                 self._grant(req, key, lease)
-                if self.room.has_waiters(key.digest):
-                    self._watch(key)
+                if self.room.has_waiters(key.digest):  # a reader: the next may join it now
+                    self._wake(key.digest, generation) if key.policy.shared else self._watch(key)
                 if self.parked is not None:
                     self.parked.refill(key.digest)
             elif held is not None:
@@ -244,6 +245,8 @@ class MutexGate(GateLifecycle):
 
     def _grant(self, req: Any, key: MutexKey, lease: Lease) -> None:
         self.metrics.inc('acquired')
+        if not key.policy.shared and key.policy.name in self.policies.shared_names:
+            self.leases.shared.writer_done(key.digest)  # new readers may join again
         if logger.isEnabledFor(logging.DEBUG):  # describe() formats the values
             logger.debug('mutex: %s[%s] acquired %s (token %s)', req.name, req.id,
                          key.describe(), lease.token)
@@ -259,15 +262,7 @@ class MutexGate(GateLifecycle):
 
     def _wait(self, req: Any, key: MutexKey, outcome: str,
               exc: Optional[BaseException] = None, seq: int = 0, tried: bool = False) -> None:
-        worker_state.task_ready(req)
-        if outcome == LeaseOutcome.CONTENDED:
-            self.metrics.inc('contended')
-            req.send_event('mutex-contended', key=key.digest, mutex=key.describe())
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug('mutex: %s[%s] contended on %s', req.name, req.id, key.describe())
-        else:
-            self.metrics.inc('unavailable')
-            self.endings.log_unavailable(req, exc)
+        self.endings.waits(req, key, outcome == LeaseOutcome.CONTENDED, exc)
         if key.policy.contended in ONE_WAITING and not self.coalesce.make_room(req, key, seq):
             return  # superseded by the key's newer waiter
         if (outcome == LeaseOutcome.CONTENDED and self.parked is not None
@@ -284,13 +279,15 @@ class MutexGate(GateLifecycle):
         self.room.poll_revoked()
 
     def _watch(self, key: MutexKey) -> None:
-        digest = key.digest
+        digest, shared, first = key.digest, key.policy.shared, self.room.first(key.digest)
+        if (not shared and key.policy.name in self.policies.shared_names
+                and (first is None or not first.key.policy.shared)):
+            self.leases.shared.writer_waits(digest)  # heads its line: no new readers now
         if digest in self._watching or not self.leases.connected:
             return
         self._watching.add(digest)
-        generation = self._generation
-        post = self._post
-        self.leases.watch(key.slots, lambda: post(self._wake, digest, generation))
+        generation, post = self._generation, self._post
+        self.leases.watch(key.slots, lambda: post(self._wake, digest, generation), shared)
 
     def _wake(self, digest: str, generation: int) -> None:
         """A lease of ``digest`` may be free: its first waiter tries again."""
@@ -298,6 +295,8 @@ class MutexGate(GateLifecycle):
         if generation != self._generation:
             return
         held = self.room.first(digest)
+        if self.policies.shared_names and (held is None or held.key.policy.shared):
+            self.leases.shared.writer_done(digest)  # no exclusive call heads its line
         if held is not None and not held.trying:
             if not self.places.free():
                 self.places.woken(digest)  # it tries when a place frees

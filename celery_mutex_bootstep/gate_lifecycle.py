@@ -47,7 +47,8 @@ class GateLifecycle:
         if state != 'connected':
             self._watching.clear()  # kazoo re-arms watches only within a session
             return
-        digests = {h.key.digest for h in self.room}
+        # and the keys marked for exclusive waiters here, which may have left since
+        digests = {h.key.digest for h in self.room} | self.leases.shared.marked()
         if self.parked is not None:
             digests.update(self.parked.flagged)
         for digest in sorted(digests):

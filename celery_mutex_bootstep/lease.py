@@ -52,6 +52,7 @@ from .orphans import OrphanReaper
 from .outcome import LeaseOutcome
 from .probe import probe_namespace
 from .session import SessionDeadline
+from .shared import SharedLocks
 from .watches import Watches
 
 __all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
@@ -71,7 +72,7 @@ class Lease:
 
     __slots__ = ('path', 'key', 'session_id', 'token', 'acquired_at',
                  'acquired_monotonic', 'owner', 'lost', '_released', '_lock',
-                 '__weakref__')
+                 'parent', '__weakref__')
 
     def __init__(self, path: str, key: str, session_id: int, token: int,
                  owner: Any = None) -> None:
@@ -85,6 +86,7 @@ class Lease:
         self.lost = False
         self._released = False
         self._lock = threading.Lock()
+        self.parent: Optional[str] = None  # a reader's: its key's node (shared.py)
 
     @property
     def released(self) -> bool:
@@ -152,6 +154,7 @@ class ZooKeeperLeases:
         self.deletes = DeleteBatcher(self)
         self.orphans = OrphanReaper(self)
         self.watches = Watches(self)
+        self.shared = SharedLocks(self)  # readers (mutex_shared)
         # This session's clock node (probe.py): a multi of creates ends with a setData on
         # it, whose answer (mzxid) is the creation zxid of the whole batch.
         self._clock: Optional[Tuple[str, int]] = None
@@ -201,13 +204,14 @@ class ZooKeeperLeases:
     # -- acquire / release -------------------------------------------------
 
     def acquire(self, keys: Sequence[str], data: bytes, callback: Callback,
-                owner: Any = None) -> None:
+                owner: Any = None, shared: bool = False) -> None:
         """Try to create a lease node for one of ``keys``, in order; never blocks.
 
         One key is a mutex; several are the slots of a semaphore (the first
         free slot wins). ``callback(outcome, lease, exc)`` runs on kazoo's
         thread with ``LeaseOutcome.ACQUIRED`` and the lease, ``CONTENDED``
-        (every key is held), or ``UNAVAILABLE`` and the error.
+        (every key is held), or ``UNAVAILABLE`` and the error. ``shared``: join
+        the key's readers (one key; :mod:`.shared`).
         """
         if isinstance(keys, str):
             keys = (keys,)
@@ -215,6 +219,8 @@ class ZooKeeperLeases:
             callback(LeaseOutcome.UNAVAILABLE, None, ConnectionLoss('not connected'))
             return
         session_id = self._session_id
+        if shared:  # a known-held node may be other readers' parent: always ask
+            return self.shared.acquire(keys[0], data, callback, owner, session_id)
         # Nodes whose deletion watch is outstanding are held: no round trip.
         keys = [k for k in keys if not self.watches.known_held(self.path_for(k))]
         if not keys:
@@ -225,8 +231,9 @@ class ZooKeeperLeases:
         self.creates.try_create(list(keys), 0, data, callback, owner, session_id)
 
     def _granted(self, path: str, key: str, session_id: int, token: int,
-                 callback: Callback, owner: Any) -> None:
+                 callback: Callback, owner: Any, parent: Optional[str] = None) -> None:
         lease = Lease(path, key, session_id, token, owner)
+        lease.parent = parent
         with self._lock:
             self._held[path] = lease
             # The session may have been given up or expired between the
@@ -238,15 +245,19 @@ class ZooKeeperLeases:
             return callback(LeaseOutcome.UNAVAILABLE, lease, None)
         callback(LeaseOutcome.ACQUIRED, lease, None)
 
-    def watch(self, keys: Sequence[str], callback: Callable[[], None]) -> None:
+    def watch(self, keys: Sequence[str], callback: Callable[[], None],
+              shared: bool = False) -> None:
         """Call ``callback()`` (kazoo's thread) once one of ``keys`` may be free.
 
         One ZooKeeper watch per node however often asked (:mod:`.watches`); a
         key already free calls back at once. Spurious calls are possible: the
-        caller just tries again.
+        caller just tries again. ``shared``: for a reader (it may wait for a
+        writer-waiting marker instead).
         """
         if self._connected:
-            self.watches.watch([self.path_for(k) for k in keys], callback)
+            paths = (self.shared.watch_paths(keys) if shared
+                     else [self.path_for(k) for k in keys])
+            self.watches.watch(paths, callback, reader=shared)
 
     def release(self, lease: Lease, with_turn: bool = False) -> bool:
         """Delete the lease's node, once. Safe from any thread.
@@ -263,6 +274,9 @@ class ZooKeeperLeases:
             same_session = (lease.session_id == self._session_id and not lease.lost)
         if not same_session:
             return True  # gone with its session; the path may be someone else's now
+        if lease.parent is not None:
+            self.shared.release(lease)
+            return True
         if not (with_turn and self.creates.add_delete(lease)):
             self.deletes.queue(lease)
         return True
@@ -303,6 +317,7 @@ class ZooKeeperLeases:
                     self.disconnected_since = time.monotonic()
                 lost = self._drop_all_locked()
                 self.orphans.clear()
+            self.shared.reset()
             name = 'lost'
         if lost and self.on_lost:
             self.on_lost(lost, None)  # expired already: kill at once, no wait
@@ -331,6 +346,7 @@ class ZooKeeperLeases:
                 self.disconnected_since = time.monotonic()
             lost = self._drop_all_locked()
             self.orphans.clear()
+        self.shared.reset()
         logger.error('mutex: no answer from ZooKeeper (%s) within the session deadline '
                      '(negotiated timeout %.1fs, margin %.1fs): treating the session as '
                      'lost', self.hosts, self.deadline.negotiated_timeout, self.deadline.margin)

@@ -282,6 +282,18 @@ class MutexKey:
         return (self.digest,) if limit == 1 else tuple(
             f'{self.digest}-{i}' for i in range(limit))
 
+    @property
+    def in_flight(self) -> tuple:
+        """What a first try counts in the gate's in-flight tally: the key, and
+        ``r<digest>`` for a reader (readers need not wait for readers)."""
+        return (self.digest, 'r' + self.digest) if self.policy.shared else (self.digest,)
+
+    def asking_ahead(self, in_flight: Mapping[str, int]) -> int:
+        """First tries of this key not answered yet that it must queue behind
+        (a reader does not wait for readers)."""
+        readers = in_flight['r' + self.digest] if self.policy.shared else 0
+        return in_flight[self.digest] - readers
+
     def describe(self) -> str:
         """Human text for logs: ``task[account=7]``."""
         pairs = ', '.join(f'{k}={v!r}'[:80] for k, v in zip(self.policy.keys, self.values))
@@ -301,6 +313,8 @@ class MutexPolicy:
     limit: int = 1
     republish_after: int = DEFAULT_REPUBLISH_AFTER
     wait_timeout: Optional[float] = None
+    #: ``mutex_shared``: a reader (shared lock, :mod:`.shared`).
+    shared: bool = False
     signature: Optional[inspect.Signature] = field(default=None, repr=False, compare=False)
 
     def key_for(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> MutexKey:
@@ -393,8 +407,11 @@ def policy_for_task(task: Any, settings: MutexSettings) -> Optional[MutexPolicy]
     wait_timeout = getattr(task, 'mutex_wait_timeout', None)
     wait_timeout = settings.wait_timeout if wait_timeout is None else _number(
         wait_timeout, f'task {name!r}: option mutex_wait_timeout')
+    shared = getattr(task, 'mutex_shared', None)
+    if shared is not None and not isinstance(shared, bool):
+        raise bad('mutex_shared', f'must be True or False, not {shared!r}')
     return MutexPolicy(task=name, name=mutex_name, keys=keys, timeout=timeout,
                        requeue_delay=delay, contended=contended, limit=limit,
                        republish_after=republish, wait_timeout=wait_timeout,
-                       signature=signature)
+                       shared=bool(shared), signature=signature)
 

@@ -303,8 +303,13 @@ class ParkingLot:
             path = f'{self.root}/{digest}'
             try:
                 info = json.loads(client.get_async(path).get(timeout=wait)[0] or b'{}')
-                if all(client.exists_async(p).get(timeout=wait) is not None
-                       for p in info.get('paths') or ()):
+                paths = info.get('paths') or ()
+                stats = [client.exists_async(p).get(timeout=wait) for p in paths]
+                for p, stat in zip(paths, stats):
+                    if stat is not None and not stat.ephemeralOwner:
+                        self.leases.shared.parent_seen(p, stat)  # readers' parent (shared.py)
+                if all(stat is not None and (stat.ephemeralOwner or stat.numChildren)
+                       for stat in stats):
                     continue  # held: its holder's worker or a later sweep moves it
                 got = self._unpark(digest, info.get('queue_type'))
                 if got is False:

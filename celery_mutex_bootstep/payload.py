@@ -36,6 +36,8 @@ def _fixed_part(policy: Any, task: str, hostname: Optional[str], pid: int) -> st
     contended = getattr(policy, 'contended', 'requeue')
     if contended != 'requeue':  # for `celery mutex list`; the default is not repeated
         fixed['contended'] = contended
+    if getattr(policy, 'shared', False):  # a reader: `celery mutex list` says so
+        fixed['shared'] = True
     return _dumps(fixed)[:-1]
 
 

@@ -21,6 +21,12 @@ def check_combination(task: Any, policy: MutexPolicy, settings: MutexSettings) -
     if policy.contended in ('coalesce', 'replace') and policy.limit > 1:
         raise bad(f"option mutex_contended={policy.contended!r} keeps one running and one "
                   f"waiting per key: it makes no sense with mutex_limit={policy.limit}")
+    if policy.shared and policy.limit > 1:
+        raise bad(f'option mutex_shared=True makes no sense with mutex_limit={policy.limit} '
+                  f'(readers share one key; a semaphore counts holders)')
+    if policy.shared and policy.contended in ('coalesce', 'replace'):
+        raise bad(f'option mutex_shared=True makes no sense with mutex_contended='
+                  f'{policy.contended!r} (readers run together: none replaces another)')
     explicit_wait = getattr(task, 'mutex_wait_timeout', None) is not None
     if policy.wait_timeout is not None and (explicit_wait or policy.contended != 'skip'):
         if policy.contended == 'skip':
@@ -42,6 +48,9 @@ class MutexPolicies:
         self.app = app
         self.settings = settings
         self._policies: Dict[str, Optional[MutexPolicy]] = {}
+        #: mutex names some task reads (``mutex_shared``): their exclusive
+        #: waiters mark themselves so new readers wait (:mod:`.shared`).
+        self.shared_names: set = set()
 
     def validate_all(self) -> None:
         """Check every registered task; raises MutexConfigError on a mistake."""
@@ -50,6 +59,7 @@ class MutexPolicies:
             if policy is not None:
                 check_combination(task, policy, self.settings)
         self._check_shared_names()
+        self.shared_names = {p.name for p in self._policies.values() if p and p.shared}
 
     def _check_shared_names(self) -> None:
         """Tasks sharing a ``mutex_name`` must agree on its limit: a limit of 1

@@ -64,3 +64,21 @@ def recompute(self, key, duration=0.0, seq=None):
         record(self, 'tick', key, seq=seq)
     record(self, 'end', key, seq=seq)
     return seq
+
+
+@app.task(bind=True, mutex_name='book', mutex_keys=('account',), mutex_shared=True)
+def read_book(self, account, duration=0.0, seq=None):
+    """A reader of mutex ``book``: readers of one account run together."""
+    record(self, 'start', f'book/{account}', seq=seq, shared=True)
+    time.sleep(duration)
+    record(self, 'end', f'book/{account}', seq=seq, shared=True)
+    return seq
+
+
+@app.task(bind=True, mutex_name='book', mutex_keys=('account',))
+def write_book(self, account, duration=0.0, seq=None):
+    """An exclusive holder of mutex ``book``: alone, with no reader."""
+    record(self, 'start', f'book/{account}', seq=seq, shared=False)
+    time.sleep(duration)
+    record(self, 'end', f'book/{account}', seq=seq, shared=False)
+    return seq

@@ -72,6 +72,7 @@ class LeaseNode:
             'status': self.status, 'stale': self.status == STALE, 'reason': self.reason,
             'task': self.task, 'mutex': self.data.get('mutex'),
             'contended': self.data.get('contended') or 'requeue',
+            'shared': self.data.get('shared') is True,
             'key_values': {k: v for k, v in self.key_values()},
             'worker': self.worker, 'host': self.data.get('host'), 'pid': self.data.get('pid'),
             'task_id': self.task_id, 'acquired_at': self.acquired_at,
@@ -90,18 +91,26 @@ def read_leases(client: KazooClient, target: Target, timeout: float) -> List[Lea
     except NoAuthError:
         raise no_auth(target, 'list') from None
     names = sorted(c for c in children if LEASE_NAME.match(c))
-    pending = [(name, client.get_async(f'{namespace}/{name}')) for name in names]
+    pending = [(name, f'{namespace}/{name}', client.get_async(f'{namespace}/{name}'))
+               for name in names]
     leases = []
-    for name, result in pending:
+    for name, path, result in pending:
         try:
             raw, stat = result.get(timeout=timeout)
         except NoNodeError:
             continue  # released while we looked
         except NoAuthError:
             raise no_auth(target, 'read leases in') from None
+        if not stat.ephemeralOwner:  # readers' parent (shared.py): each reader is a lease
+            try:
+                readers = client.get_children(path)
+            except NoNodeError:
+                continue
+            pending += [(name, f'{path}/{r}', client.get_async(f'{path}/{r}')) for r in readers]
+            continue
         m = LEASE_NAME.match(name)
         leases.append(LeaseNode(
-            path=f'{namespace}/{name}', name=name, digest=m.group('digest'),
+            path=path, name=name, digest=m.group('digest'),
             slot=int(m.group('slot')) if m.group('slot') else None,
             data=parse_lease_data(raw), token=stat.czxid,
             session_id=stat.ephemeralOwner, created=stat.ctime / 1000.0))

@@ -22,7 +22,8 @@ LEASE_HEADERS = ('KEY', 'STATUS', 'TASK', 'KEY VALUES', 'HOLDER', 'TASK ID', 'AG
 def _task(lease: LeaseNode) -> str:
     """The holder's task, with its policy when it is not the default ``requeue``."""
     contended = lease.data.get('contended')
-    return (lease.task or '?') + (f' ({contended})' if isinstance(contended, str) else '')
+    shared = ' (shared)' if lease.data.get('shared') is True else ''
+    return (lease.task or '?') + (f' ({contended})' if isinstance(contended, str) else '') + shared
 
 
 def _lease_row(lease: LeaseNode, now: float) -> List[str]:
