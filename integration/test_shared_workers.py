@@ -9,7 +9,7 @@ from celery_mutex_bootstep.keys import key_digest
 
 from .records import overlaps
 from .scenario import wait_for
-from .test_faults import SESSION_TIMEOUT, observer, session_args, wait_completed
+from .faults import SESSION_TIMEOUT, observer, session_args, wait_completed
 from .test_policies import policy_scenario  # noqa: F401 (a fixture)
 
 
