@@ -31,7 +31,7 @@ $(DEMO_STAMP): $(STAMP) setup.py
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests integration
+	$(PY) -m pytest -q --durations=15 tests integration
 
 # The oldest and a middle supported Celery/kombu/kazoo (the newest is `make test`'s).
 COMPAT ?= 5.3.6:5.3.7:2.9.0 5.5.3:5.5.4:2.10.0
