@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # The demo extra (matplotlib...) on top: only `make demo` needs it.
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: all install zookeeper venv test unit compat demo bench chaos clean
+.PHONY: all install zookeeper venv test faults unit compat demo bench chaos clean
 
 all: test
 
@@ -30,8 +30,13 @@ $(DEMO_STAMP): $(STAMP) setup.py
 	$(VENV)/bin/pip install -q -e '.[test,demo]'
 	touch $@
 
+# Everything but the fault-injection modules (marked faults), which `make faults` runs:
+# each stays under about 15 minutes; CI (.ci/run) runs both.
 test: install
-	$(PY) -m pytest -q --durations=15 tests integration
+	$(PY) -m pytest -q --durations=15 -m 'not faults' tests integration
+
+faults: install
+	$(PY) -m pytest -q --durations=10 -m faults integration
 
 # The oldest and a middle supported Celery/kombu/kazoo (the newest is `make test`'s).
 COMPAT ?= 5.3.6:5.3.7:2.9.0 5.5.3:5.5.4:2.10.0

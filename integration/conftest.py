@@ -11,7 +11,10 @@ After each test that used ``zk`` or ``zk_ensemble`` a paused node is resumed and
 stopped or killed node is restarted, so that fault-injecting tests do not leak their
 faults into the next test.
 
-Tests marked ``chaos_full`` only run with ``--run-chaos-full`` (``make chaos``).
+Tests marked ``chaos_full`` only run with ``--run-chaos-full`` (``make chaos``). Modules
+marked ``faults`` (fault injection: ZooKeeper outages, lost sessions, killed and cut-off
+workers, the short chaos run) run in ``make faults``, apart from ``make test``, to keep
+each under about 15 minutes; CI runs both.
 """
 
 import itertools
@@ -42,6 +45,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'chaos_full: long chaos scenario, only run with --run-chaos-full')
+    config.addinivalue_line(
+        'markers', 'faults: fault-injection tests (make faults; make test leaves them out)')
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,6 +42,8 @@ from .faults import (  # noqa: F401  (fixtures)
     close_broker_connections, describe, lease_report, mutex_log, proxy_factory, session_args,
     span_end, watch_factory)
 
+pytestmark = pytest.mark.faults  # make faults (integration/conftest.py)
+
 ACCEPTED = re.compile(r'test: accepted ([0-9a-f-]+) pid')  # testapp's TEST_LOG_ACCEPTED
 KINDS = ('zk_restart', 'zk_down', 'worker_kill', 'broker_reset', 'proxy_stall')
 WORKERS = ('w1', 'w2', 'w3')

@@ -7,12 +7,16 @@ integration/faults.py) and no lost task (every task has a completed execution).
 """
 import time
 
+import pytest
+
 from .scenario import wait_for
 from .faults import (  # noqa: F401  (fixtures)
     SESSION_TIMEOUT, SESSION_GIVEN_UP, HOLDER_KILLED, session_args, overlapping, describe,
     assert_no_overlap, assert_no_overlap_until_stopped, wait_completed,
     assert_results_succeeded, mutex_log, log_lines, lease_stats, proxy_factory, watch_factory,
     _started)
+
+pytestmark = pytest.mark.faults  # make faults (integration/conftest.py)
 
 
 # =========================================================================== 1

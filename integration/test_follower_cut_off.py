@@ -13,11 +13,15 @@ import time
 
 from integration import zkserver
 
+import pytest
+
 from .scenario import wait_for
 from .tcpproxy import TcpProxy
 from .faults import (  # noqa: F401  (fixtures)
     SESSION_GIVEN_UP, _started, assert_no_overlap_until_stopped, describe, log_lines,
     mutex_log, session_args, wait_completed, watch_factory)
+
+pytestmark = pytest.mark.faults  # make faults (integration/conftest.py)
 
 
 def _ensemble_with_a_proxied_follower(base):

@@ -4,10 +4,14 @@ Shares the fault tests' helpers (integration/faults.py).
 """
 import time
 
+import pytest
+
 from .scenario import wait_for
 from .faults import (  # noqa: F401  (fixtures)
     HOLDER_KILLED, SESSION_TIMEOUT, _started, assert_results_succeeded, describe, log_lines,
     mutex_log, proxy_factory, session_args, wait_completed, watch_factory)
+
+pytestmark = pytest.mark.faults  # make faults (integration/conftest.py)
 
 
 # A pool process with this much touched memory takes the kernel 0.05-0.3 s to tear down.

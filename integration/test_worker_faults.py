@@ -9,11 +9,15 @@ import re
 import signal
 import time
 
+import pytest
+
 from .scenario import wait_for
 from .faults import (  # noqa: F401  (fixtures)
     SESSION_TIMEOUT, session_args, describe, assert_no_overlap,
     assert_no_overlap_until_stopped, wait_completed, assert_results_succeeded,
     close_broker_connections, watch_factory, _started)
+
+pytestmark = pytest.mark.faults  # make faults (integration/conftest.py)
 
 
 # =========================================================================== 4
