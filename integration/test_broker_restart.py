@@ -38,11 +38,19 @@ Redis differs in two ways, neither of them the step's:
 On Celery 5.3/5.5 (``make compat``) a and b survive on Redis too, so only
 they can resume their line, and the holder's end after the reconnect must
 still release its lease (those versions' pool forgets running jobs then).
+kombu before 5.7 has a Redis reconnect race (kombu PR #2492, celery#8030): now
+and then a worker never polls its queues again after the restart, though its
+parking thread and its consumer's hand-offs go on, so the line still drains.
+Only the restored stranded waiters then sit in the queue; the test accepts
+that only on those kombu versions and only while all of them are still queued
+(no worker polls), and replaces a and b: each stranded waiter must still run
+once.
 """
 import json
 import re
 import time
 
+import kombu
 import pytest
 import redis
 from kombu import Connection
@@ -52,10 +60,22 @@ from .scenario import wait_for
 from .test_hot_key import mutex_info, received
 
 N = 40
+# kombu before 5.7 (its PR #2492): after a Redis restart the stale channel's
+# disconnect callback can unregister the new one's poll start, and the worker never
+# polls its queues again ("catatonic", celery#8030). Any worker, with or without the step.
+KOMBU_REDIS_RECONNECT_RACE = tuple(int(x) for x in kombu.__version__.split('.')[:2]) < (5, 7)
 # The Celery 5.7 / kombu 5.7 crash of a Redis worker that holds unacknowledged messages.
 KNOWN_REDIS_CRASH = re.compile(
     r"Unrecoverable error: AttributeError\(\"'NoneType' object has no attribute "
     r"'hostname'\"\)[\s\S]*in restore_unacked")
+
+
+def settled(predicate, timeout, interval=0.5):
+    """Whether ``predicate`` comes true within ``timeout`` seconds."""
+    try:
+        return wait_for(predicate, timeout=timeout, interval=interval)
+    except AssertionError:
+        return False
 
 
 def depth(url, queue):
@@ -130,7 +150,7 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
     # each worker reconnects, or (Redis, Celery 5.7) has died of the known crash
     wait_for(lambda: all(not w.is_running() or w.log_text().count('Connected to') >= 2
                          for w in [h] + workers), timeout=90, message='the workers reconnected')
-    replaced = []
+    replaced, catatonic = [], []
     for w in workers:
         if not w.is_running():
             assert kind == 'redis' and KNOWN_REDIS_CRASH.search(w.log_text()), \
@@ -152,6 +172,18 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
         assert sorted(unacked(broker.url).values()) == room, \
             'the waiters the consumers held, and nothing else, are unacknowledged'
         assert restore(broker.url, room) == len(room)
+        if not settled(lambda: all(t.ready() for t in stranded), timeout=30):
+            # kombu's Redis reconnect race (below): only where kombu has it, and only
+            # if no worker took any of them (all still queued, none started)
+            still = redis.Redis.from_url(broker.url).llen(s.queue)
+            assert KOMBU_REDIS_RECONNECT_RACE and still == len(stranded) and not any(
+                r.extra['seq'] in {seq_of[t.id] for t in stranded} for r in runs_of(s, 'hot')), \
+                f'the stranded waiters did not run ({still} of {len(stranded)} still queued)'
+            for w in workers + replaced:
+                if w.is_running():
+                    w.stop()
+                    catatonic.append(w.hostname)
+                    replaced.append(s.worker(w.hostname.split('-')[0] + '3', concurrency=2))
         wait_for(lambda: all(t.ready() for t in stranded), timeout=60, interval=0.5,
                  message='the stranded waiters ran')
         results += [t.result for t in stranded]
@@ -167,6 +199,6 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
     deliveries = sum(sum(received(w, list(ids)).values()) for w in workers + replaced)
     print(f'{kind}: {parked} parked at the restart, {len(room)} waiting in the consumers '
           f'({len(stranded)} stranded until restored), broker away {away:.1f}s, '
-          f'{len(replaced)} workers replaced, {sweeps} moved by sweeps; {len(runs)} runs of '
+          f'{len(replaced)} workers replaced ({len(catatonic)} that stopped consuming), {sweeps} moved by sweeps; {len(runs)} runs of '
           f'{N + 1} tasks, none twice; {deliveries} deliveries of the {N} waiters; the line '
           f'done {line_done:.1f}s after the stop; test {time.monotonic() - started:.0f}s')
