@@ -172,7 +172,7 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
         assert sorted(unacked(broker.url).values()) == room, \
             'the waiters the consumers held, and nothing else, are unacknowledged'
         assert restore(broker.url, room) == len(room)
-        if not settled(lambda: all(t.ready() for t in stranded), timeout=30):
+        if not settled(lambda: all(t.ready() for t in stranded), timeout=60):
             # kombu's Redis reconnect race (below): only where kombu has it, and only
             # if no worker took any of them (all still queued, none started)
             still = redis.Redis.from_url(broker.url).llen(s.queue)
