@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # The demo extra (matplotlib...) on top: only `make demo` needs it.
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: all install zookeeper venv test faults unit compat demo bench chaos clean
+.PHONY: all install zookeeper venv test faults unit compat demo bench bench-trace chaos clean
 
 all: test
 
@@ -56,6 +56,13 @@ demo: install $(DEMO_STAMP)
 # BENCH_ARGS=--quick for the smoke run.
 bench: install
 	$(if $(CELERY),.venv-compat/celery-$(CELERY)/bin/python,$(PY)) -m bench.run $(BENCH_ARGS)
+
+# Rows 2c/2d with the hand-over path timestamped (bench/tracing/), then where each
+# handover's milliseconds go (bench/handover_trace.py); the trace stays in bench-trace/.
+bench-trace: install
+	rm -rf bench-trace && mkdir bench-trace
+	MUTEX_TRACE=$(CURDIR)/bench-trace PYTHONPATH=$(CURDIR)/bench/tracing $(PY) -m bench.run --rows 2c --out bench-trace/results.md
+	$(PY) -m bench.handover_trace bench-trace
 
 # Long chaos scenarios (tests marked chaos_full, skipped by `make test`).
 chaos: install
