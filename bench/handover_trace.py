@@ -34,7 +34,7 @@ def load(trace_dir):
     workers = {}
     for path in glob.glob(os.path.join(trace_dir, '[0-9]*.json')):
         with open(path) as f:
-            workers[os.path.basename(path)[:-5]] = sorted((e[0], e[1], e[-1]) for e in json.load(f))
+            workers[os.path.basename(path)[:-5]] = sorted(map(tuple, json.load(f)))
     return pool, workers
 
 

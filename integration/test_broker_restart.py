@@ -173,7 +173,7 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
             'the waiters the consumers held, and nothing else, are unacknowledged'
         assert restore(broker.url, room) == len(room)
         if not settled(lambda: all(t.ready() for t in stranded), timeout=60):
-            # kombu's Redis reconnect race (below): only where kombu has it, and only
+            # kombu's Redis reconnect race (KOMBU_REDIS_RECONNECT_RACE): only where kombu has it, and only
             # if no worker took any of them (all still queued, none started)
             still = redis.Redis.from_url(broker.url).llen(s.queue)
             assert KOMBU_REDIS_RECONNECT_RACE and still == len(stranded) and not any(
@@ -199,6 +199,7 @@ def test_parked_messages_survive_a_broker_restart(private_broker, scenario_for, 
     deliveries = sum(sum(received(w, list(ids)).values()) for w in workers + replaced)
     print(f'{kind}: {parked} parked at the restart, {len(room)} waiting in the consumers '
           f'({len(stranded)} stranded until restored), broker away {away:.1f}s, '
-          f'{len(replaced)} workers replaced ({len(catatonic)} that stopped consuming), {sweeps} moved by sweeps; {len(runs)} runs of '
+          f'{len(replaced)} workers replaced ({len(catatonic)} that stopped consuming), '
+          f'{sweeps} moved by sweeps; {len(runs)} runs of '
           f'{N + 1} tasks, none twice; {deliveries} deliveries of the {N} waiters; the line '
           f'done {line_done:.1f}s after the stop; test {time.monotonic() - started:.0f}s')
