@@ -54,6 +54,7 @@ from .probe import probe_namespace
 from .session import SessionDeadline
 from .shared import SharedLocks
 from .watches import Watches
+from .zkhandler import default_handler
 
 __all__ = ('Lease', 'LeaseOutcome', 'ZooKeeperLeases')
 
@@ -136,7 +137,7 @@ class ZooKeeperLeases:
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2,
                                         max_delay=1.0),
             logger=kazoo_logger,
-            **(client_options or {}),
+            **{'handler': default_handler(), **(client_options or {})},
         )
         self._lock = threading.Lock()
         self._held: Dict[str, Lease] = {}

@@ -128,6 +128,23 @@ def test_unavailable_when_not_connected(namespace):
         leases.close()
 
 
+def test_an_idle_session_outlives_its_timeout_on_the_polling_handler(make_leases, observer,
+                                                                      namespace):
+    """kazoo's pings go out when the connection thread's select times out: with
+    the step's handler (zkhandler.py) an idle session lasts, and a lease with it."""
+    from celery_mutex_bootstep.zkhandler import PollingThreadingHandler
+    leases = make_leases()
+    assert isinstance(leases.client.handler, PollingThreadingHandler)
+    outcome, lease = acquire(leases, 'idle')
+    assert outcome == LeaseOutcome.ACQUIRED
+    session = leases.client.client_id
+    time.sleep(leases.session_timeout * 1.5)
+    assert leases.connected and leases.client.client_id == session
+    assert observer.exists(lease.path).ephemeralOwner == session[0]
+    leases.release(lease)
+    assert wait_for(lambda: observer.exists(lease.path) is None)
+
+
 def test_close_removes_every_lease_node(make_leases, observer, namespace):
     a = make_leases()
     for i in range(5):
